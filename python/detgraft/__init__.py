@@ -1,0 +1,30 @@
+"""detgraft: add object classes to a pretrained torchvision detector without forgetting the old ones.
+
+import torch, detgraft
+model = detgraft.load_model("fasterrcnn_resnet50_fpn", weights="COCO_V1")
+detgraft.expand_predictor(model, ["chicken", "frog"])     # labels 91, 92; detections unchanged
+detgraft.save_checkpoint(model, "out/")                   # model.safetensors + detgraft.json
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (libtorch must be loaded before the Rust extension)
+
+from . import _core  # noqa: F401
+from .card import ModelCard, get_card
+from .checkpoint import load_checkpoint, save_checkpoint
+from .loading import load_model
+from .surgery import INITS, box_features, expand_predictor, expand_state_dict
+
+__all__ = [
+    "INITS",
+    "ModelCard",
+    "box_features",
+    "expand_predictor",
+    "expand_state_dict",
+    "get_card",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Checkpoints anyone can load: ``model.safetensors`` + ``detgraft.json``.
+
+``detgraft.json`` holds the builder and its arguments (with the current ``num_classes``), the class
+names, where the base came from and the history of what was added. A checkpoint of a torchvision
+architecture loads with torchvision alone::
+
+    meta = json.load(open("ckpt/detgraft.json"))
+    model = torchvision.models.get_model(meta["builder"]["name"], **meta["builder"]["kwargs"])
+    model.load_state_dict(safetensors.torch.load_file("ckpt/model.safetensors"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .card import ModelCard, get_card
+from .loading import TORCHVISION_BUILDERS, build_architecture
+
+__all__ = ["save_checkpoint", "load_checkpoint"]
+
+FORMAT = "detgraft-checkpoint/1"
+WEIGHTS, META = "model.safetensors", "detgraft.json"
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dict[str, Any] | None = None) -> Path:
+    """Writes ``out_dir/model.safetensors`` and ``out_dir/detgraft.json``; returns ``out_dir``.
+
+    Each file is written to a temporary name and renamed, and ``detgraft.json`` (written last)
+    holds the weights' SHA-256: an interrupted save never leaves a checkpoint that loads wrongly.
+    ``builder`` names a torchvision builder (or gives a builder dict) for a model that
+    ``load_model`` did not load.
+    """
+    card = get_card(model)
+    if isinstance(builder, str):
+        if builder not in TORCHVISION_BUILDERS:
+            raise ValueError(f"builder {builder!r} is not one of {', '.join(TORCHVISION_BUILDERS)}")
+        builder = {"kind": "torchvision", "name": builder, "kwargs": {"weights": None, "weights_backbone": None}}
+    builder = builder or card.builder
+    if builder is None:
+        raise ValueError(
+            "detgraft does not know which builder makes this model, so the checkpoint could not be rebuilt: "
+            "load the model with detgraft.load_model, or pass builder='fasterrcnn_resnet50_fpn' (the torchvision "
+            "builder it came from)"
+        )
+    width = model.roi_heads.box_predictor.cls_score.out_features
+    if width != card.num_classes:
+        raise ValueError(f"card names {card.num_classes} classes but the model has {width} outputs")
+    builder = json.loads(json.dumps(builder))
+    if builder["kind"] == "torchvision":
+        builder["kwargs"]["num_classes"] = width
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = out_dir / f".{WEIGHTS}.tmp"
+    save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; a checkpoint is a normal file
+    digest = _sha256(tmp)
+    os.replace(tmp, out_dir / WEIGHTS)
+    meta = {
+        "format": FORMAT,
+        "num_classes": width,
+        **card.to_json(),
+        "builder": builder,
+        "weights_sha256": digest,
+        # what a builder called without weights does not reproduce (torchvision freezes both
+        # only when it loads pretrained weights)
+        "frozen_batchnorm": [n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)],
+        "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad],
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+    }
+    tmp = out_dir / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / META)
+    card.builder = builder
+    return out_dir
+
+
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """Loads a checkpoint folder (or its ``detgraft.json``) in eval mode on the CPU."""
+    path = Path(path)
+    folder = path.parent if path.name == META else path
+    meta_path = folder / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a detgraft checkpoint: it has no {META}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(meta_path)!r} has format {meta.get('format')!r}; this detgraft reads {FORMAT}")
+    weights = folder / WEIGHTS
+    if not weights.is_file() or _sha256(weights) != meta["weights_sha256"]:
+        raise ValueError(
+            f"{str(weights)!r} is missing or does not match {META} (an interrupted save or a copied file?)"
+        )
+    model = build_architecture(meta["builder"], meta["num_classes"])
+    for name in meta.get("frozen_batchnorm", []):
+        _freeze_batchnorm(model, name)
+    model.load_state_dict(load_file(str(weights)))
+    for name in meta.get("frozen_parameters", []):
+        model.get_parameter(name).requires_grad_(False)
+    model.detgraft_card = ModelCard.from_json(meta)
+    return model.eval()
+
+
+def _freeze_batchnorm(model: nn.Module, name: str) -> None:
+    """Replaces the BatchNorm2d at ``name`` by a FrozenBatchNorm2d, as the saved model had."""
+    module = model.get_submodule(name)
+    if isinstance(module, FrozenBatchNorm2d):
+        return
+    if not isinstance(module, nn.BatchNorm2d):
+        raise ValueError(f"checkpoint has a FrozenBatchNorm2d at {name!r}; the builder makes a {type(module).__name__}")
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, FrozenBatchNorm2d(module.num_features, eps=module.eps))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

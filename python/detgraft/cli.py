@@ -1,0 +1,137 @@
+"""The ``detgraft`` command.
+
+    detgraft inspect MODEL [--weights W] [--classes C]
+    detgraft predict MODEL IMAGE_OR_DIR --out DIR [--score 0.5]
+
+MODEL is what ``detgraft.load_model`` accepts: a checkpoint folder, a torchvision builder name with
+``--weights DEFAULT|COCO_V1|FILE``, ``file.py:function`` with ``--weights FILE``, or a pickled model
+with ``--trust-pickle``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+
+import torch
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .card import UNUSED, get_card
+from .loading import load_model
+from .predict import find_images, predict_files
+
+log = logging.getLogger("detgraft")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(show_time=False, show_path=False))
+    log.setLevel(logging.INFO)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError) as err:
+        log.error("%s", err)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detgraft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("model", help="checkpoint folder, torchvision builder, file.py:function, or pickled model")
+    model.add_argument("--weights", help="DEFAULT, COCO_V1 or a state-dict file (.safetensors, .pth)")
+    model.add_argument("--classes", help="JSON file with the class names (index = label)")
+    model.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole model (runs its code)")
+
+    inspect = sub.add_parser("inspect", parents=[model], help="architecture, class table and history of a model")
+    inspect.set_defaults(run=_inspect)
+
+    predict = sub.add_parser("predict", parents=[model], help="detect objects in images")
+    predict.add_argument("input", help="an image file or a folder of images")
+    predict.add_argument("--out", required=True, help="folder for detections.json and annotated images")
+    predict.add_argument("--score", type=float, default=0.5, help="lowest score kept (default 0.5)")
+    predict.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    predict.set_defaults(run=_predict)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    return load_model(args.model, args.weights, args.classes, trust_pickle=args.trust_pickle)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model = _load(args)
+    card = get_card(model)
+    console = Console()
+    predictor = model.roi_heads.box_predictor
+    params = list(model.parameters())
+    summary = Table(title=f"model {args.model}", show_header=False)
+    summary.add_row("architecture", type(model).__name__)
+    summary.add_row("backbone", type(getattr(model.backbone, "body", model.backbone)).__name__)
+    summary.add_row(
+        "box predictor",
+        f"{type(predictor).__name__}({predictor.cls_score.in_features} -> "
+        f"{predictor.cls_score.out_features} classes, "
+        f"{predictor.bbox_pred.out_features} box outputs)",
+    )
+    summary.add_row(
+        "parameters",
+        f"{sum(p.numel() for p in params):,} ({sum(p.numel() for p in params if p.requires_grad):,} trainable)",
+    )
+    summary.add_row("builder", str(card.builder) if card.builder else "unknown (cannot be checkpointed)")
+    summary.add_row("base weights", card.source or "unknown")
+    console.print(summary)
+
+    classes = Table(title=f"classes (num_classes={card.num_classes}, background included)")
+    for column in ("label", "name", "group"):
+        classes.add_column(column)
+    unused = [i for i, n in enumerate(card.classes) if n == UNUSED]
+    for label, name in enumerate(card.classes):
+        if label == 0 or name == UNUSED:
+            continue
+        step = card.step_of(label)
+        classes.add_row(str(label), name, f"new (step {step})" if step else "old")
+    console.print(classes)
+    groups = Counter("new" if card.step_of(i) else "old" for i in range(1, card.num_classes) if i not in unused)
+    console.print(f"{groups['old']} old classes, {groups['new']} new, {len(unused)} unused labels ('N/A')")
+
+    if card.history:
+        history = Table(title="history")
+        for column in ("step", "added", "labels", "init", "data", "date"):
+            history.add_column(column)
+        for step, entry in enumerate(card.history, start=1):
+            history.add_row(
+                str(step),
+                ", ".join(entry["added"]),
+                ", ".join(map(str, entry["labels"])),
+                entry["init"],
+                str(entry.get("data") or "-"),
+                entry.get("date", "-"),
+            )
+        console.print(history)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    model = _load(args)
+    files = find_images(args.input)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(('.jpg', '.png'))}, ...) in {args.input!r}")
+    predictions, skipped = predict_files(model, files, args.out, score=args.score, device=args.device)
+    count = sum(len(p.labels) for p in predictions)
+    log.info("%d detections in %d images -> %s/detections.json", count, len(predictions), args.out)
+    if skipped:
+        log.warning("%d files skipped (unreadable): %s", len(skipped), ", ".join(s["file"] for s in skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
