@@ -30,7 +30,7 @@ log = logging.getLogger("detgraft")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not any(isinstance(h, RichHandler) for h in log.handlers):
+    if not log.handlers and not logging.getLogger().handlers:  # a host that set up logging keeps its own
         log.addHandler(RichHandler(show_time=False, show_path=False))
     log.setLevel(logging.INFO)
     try:
