@@ -16,7 +16,7 @@ pub enum Error {
     #[error("unknown init {0:?}: choose one of preserve, mean, background, imprint")]
     UnknownInit(String),
     /// libtorch itself failed.
-    #[error("libtorch: {0}")]
+    #[error("libtorch: {}", .0.to_string().lines().next().unwrap_or_default())]
     Torch(#[from] tch::TchError),
 }
 

@@ -3,12 +3,17 @@
 
 pub mod error;
 pub mod init;
+pub mod nms;
+pub mod real;
+pub mod roi_align;
 pub mod surgery;
 
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
 use crate::init::Init;
+use crate::nms::Kernel;
+use crate::roi_align::Params;
 use crate::surgery::Predictor;
 
 /// Widens a FastRCNNPredictor's tensors by `num_new` classes.
@@ -54,9 +59,104 @@ fn widen_predictor(
     ))
 }
 
+/// Indices of the boxes NMS keeps, by descending score (torchvision semantics; equal scores
+/// keep input order). `kernel="tensor"` forces the device path on CPU tensors.
+#[pyfunction(name = "nms")]
+#[pyo3(signature = (boxes, scores, iou_threshold, kernel="auto"))]
+fn py_nms(
+    py: Python<'_>,
+    boxes: PyTensor,
+    scores: PyTensor,
+    iou_threshold: f64,
+    kernel: &str,
+) -> PyResult<PyTensor> {
+    let kernel = Kernel::parse(kernel)?;
+    Ok(PyTensor(py.allow_threads(move || {
+        nms::nms(&boxes.0, &scores.0, iou_threshold, kernel)
+    })?))
+}
+
+/// NMS independently per value of `idxs`; indices by descending score.
+#[pyfunction(name = "batched_nms")]
+#[pyo3(signature = (boxes, scores, idxs, iou_threshold, kernel="auto"))]
+fn py_batched_nms(
+    py: Python<'_>,
+    boxes: PyTensor,
+    scores: PyTensor,
+    idxs: PyTensor,
+    iou_threshold: f64,
+    kernel: &str,
+) -> PyResult<PyTensor> {
+    let kernel = Kernel::parse(kernel)?;
+    Ok(PyTensor(py.allow_threads(move || {
+        nms::batched_nms(&boxes.0, &scores.0, &idxs.0, iou_threshold, kernel)
+    })?))
+}
+
+/// RoIAlign forward: input [N, C, H, W], rois [K, 5] -> [K, C, pooled_h, pooled_w].
+#[pyfunction]
+#[pyo3(signature = (input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, kernel="auto"))]
+#[allow(clippy::too_many_arguments)]
+fn roi_align_forward(
+    py: Python<'_>,
+    input: PyTensor,
+    rois: PyTensor,
+    spatial_scale: f64,
+    pooled_h: i64,
+    pooled_w: i64,
+    sampling_ratio: i64,
+    aligned: bool,
+    kernel: &str,
+) -> PyResult<PyTensor> {
+    let kernel = Kernel::parse(kernel)?;
+    let p = Params {
+        spatial_scale,
+        pooled_h,
+        pooled_w,
+        sampling_ratio,
+        aligned,
+    };
+    Ok(PyTensor(py.allow_threads(move || {
+        roi_align::forward(&input.0, &rois.0, p, kernel)
+    })?))
+}
+
+/// RoIAlign backward: the input's gradient [N, C, H, W] from the output's gradient.
+#[pyfunction]
+#[pyo3(signature = (grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, input_size, kernel="auto"))]
+#[allow(clippy::too_many_arguments)]
+fn roi_align_backward(
+    py: Python<'_>,
+    grad: PyTensor,
+    rois: PyTensor,
+    spatial_scale: f64,
+    pooled_h: i64,
+    pooled_w: i64,
+    sampling_ratio: i64,
+    aligned: bool,
+    input_size: [i64; 4],
+    kernel: &str,
+) -> PyResult<PyTensor> {
+    let kernel = Kernel::parse(kernel)?;
+    let p = Params {
+        spatial_scale,
+        pooled_h,
+        pooled_w,
+        sampling_ratio,
+        aligned,
+    };
+    Ok(PyTensor(py.allow_threads(move || {
+        roi_align::backward(&grad.0, &rois.0, p, input_size, kernel)
+    })?))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(widen_predictor, m)?)?;
+    m.add_function(wrap_pyfunction!(py_nms, m)?)?;
+    m.add_function(wrap_pyfunction!(py_batched_nms, m)?)?;
+    m.add_function(wrap_pyfunction!(roi_align_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(roi_align_backward, m)?)?;
     m.add("PRESERVE_GAP", init::PRESERVE_GAP)?;
     Ok(())
 }

@@ -43,3 +43,37 @@ def test_cuda_model_keeps_its_detections_and_device():
     detgraft.expand_predictor(model, ["chicken", "frog"])
     assert all(p.is_cuda for p in model.parameters())
     assert_same_detections(before, detect(model, images()))
+
+
+@pytest.mark.parametrize("n", [100, 3000])
+def test_nms_on_cuda_matches_torchvision_and_stays_there(n):
+    from test_ops import clustered_boxes
+    from torchvision.ops import batched_nms as tv_batched_nms
+    from torchvision.ops import nms as tv_nms
+
+    from detgraft import ops
+
+    boxes, scores = (t.cuda() for t in clustered_boxes(n, 7))
+    keep = ops.nms(boxes, scores, 0.5)
+    assert keep.is_cuda and torch.equal(keep, tv_nms(boxes, scores, 0.5))
+    idxs = torch.randint(0, 4, (n,), device="cuda")
+    assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5), tv_batched_nms(boxes, scores, idxs, 0.5))
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_on_cuda_matches_torchvision(aligned):
+    from test_ops import feature_maps, roi_boxes
+    from torchvision.ops import roi_align as tv_roi_align
+
+    from detgraft import ops
+
+    x = feature_maps(torch.float32).cuda().requires_grad_()
+    rois = roi_boxes(torch.float32).cuda()
+    out = ops.roi_align(x, rois, (5, 4), 0.25, 0, aligned)
+    expected = tv_roi_align(x, rois, (5, 4), 0.25, 0, aligned)
+    assert out.is_cuda
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    grad = torch.randn_like(out)
+    (a,) = torch.autograd.grad(out, x, grad)
+    (b,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
