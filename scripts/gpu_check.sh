@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a CUDA machine (a few minutes): build detgraft against the installed torch 2.13 and run the
-# widening tests on CUDA tensors, checking that nothing moved to the CPU. Prints the card and results.
+# On a CUDA machine (a few minutes): build detgraft against the installed torch 2.13, run the
+# widening and ops tests on CUDA tensors (nothing moved to the CPU), and time the ops against
+# torchvision's CUDA kernels (written to benchmarks/RESULTS.md). Prints the card and results.
 #   bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,5 @@ print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)
 PY
 python3 -m pip install -q --no-build-isolation .
 python3 -m pytest -q -m cuda tests -rA -p no:cacheprovider
+# the kernels issue: parity on CUDA (above, -m cuda) and timings against torchvision's CUDA kernels
+python3 benchmarks/ops.py --device cuda
