@@ -47,11 +47,11 @@ def test_cuda_model_keeps_its_detections_and_device():
 
 @pytest.mark.parametrize("n", [100, 3000])
 def test_nms_on_cuda_matches_torchvision_and_stays_there(n):
-    from test_ops import clustered_boxes
     from torchvision.ops import batched_nms as tv_batched_nms
     from torchvision.ops import nms as tv_nms
 
     from detgraft import ops
+    from test_ops import clustered_boxes
 
     boxes, scores = (t.cuda() for t in clustered_boxes(n, 7))
     keep = ops.nms(boxes, scores, 0.5)
@@ -62,10 +62,10 @@ def test_nms_on_cuda_matches_torchvision_and_stays_there(n):
 
 @pytest.mark.parametrize("aligned", [False, True])
 def test_roi_align_on_cuda_matches_torchvision(aligned):
-    from test_ops import feature_maps, roi_boxes
     from torchvision.ops import roi_align as tv_roi_align
 
     from detgraft import ops
+    from test_ops import feature_maps, roi_boxes
 
     x = feature_maps(torch.float32).cuda().requires_grad_()
     rois = roi_boxes(torch.float32).cuda()

@@ -2,6 +2,8 @@
 
     detgraft inspect MODEL [--weights W] [--classes C]
     detgraft predict MODEL IMAGE_OR_DIR --out DIR [--score 0.5]
+    detgraft eval MODEL --data test.json --images DIR [--compare BASE] [--out DIR]
+    detgraft drift MODEL --base BASE --images DIR
 
 MODEL is what ``detgraft.load_model`` accepts: a checkpoint folder, a torchvision builder name with
 ``--weights DEFAULT|COCO_V1|FILE``, ``file.py:function`` with ``--weights FILE``, or a pickled model
@@ -60,6 +62,27 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--score", type=float, default=0.5, help="lowest score kept (default 0.5)")
     predict.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     predict.set_defaults(run=_predict)
+
+    ev = sub.add_parser("eval", parents=[model], help="COCO AP per class and group, confusions, report.html")
+    ev.add_argument("--data", required=True, help="COCO json with the labels")
+    ev.add_argument("--images", required=True, help="folder of the json's file_names")
+    ev.add_argument("--compare", help="the base model, to show AP before/after and forgetting")
+    ev.add_argument("--compare-weights", help="--weights of the base")
+    ev.add_argument("--compare-classes", help="--classes of the base")
+    ev.add_argument("--out", default="eval", help="folder for eval.json and report.html (default: eval)")
+    ev.add_argument("--score", type=float, default=0.5, help="score for confusions and pictures (default 0.5)")
+    ev.add_argument("--evaluator", default="pycocotools", choices=["pycocotools", "faster-coco-eval"])
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.set_defaults(run=_eval)
+
+    dr = sub.add_parser("drift", parents=[model], help="how far old classes moved, without labels")
+    dr.add_argument("--base", required=True, help="the base model")
+    dr.add_argument("--base-weights", help="--weights of the base")
+    dr.add_argument("--base-classes", help="--classes of the base")
+    dr.add_argument("--images", required=True, help="a folder of your images")
+    dr.add_argument("--score", type=float, default=0.5, help="base detections at or above this are the reference")
+    dr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    dr.set_defaults(run=_drift)
     return parser
 
 
@@ -130,6 +153,113 @@ def _predict(args: argparse.Namespace) -> int:
     log.info("%d detections in %d images -> %s/detections.json", count, len(predictions), args.out)
     if skipped:
         log.warning("%d files skipped (unreadable): %s", len(skipped), ", ".join(s["file"] for s in skipped))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluate import compare, detect, evaluate, load_dataset
+    from .report import write_report
+
+    data = load_dataset(args.data, args.images)
+    model = _load(args)
+    detections = detect(model, data, device=args.device)
+    result = evaluate(model, data, detections=detections, evaluator=args.evaluator, score=args.score)
+    before = base_detections = comparison = base = None
+    if args.compare:
+        base = load_model(args.compare, args.compare_weights, args.compare_classes, trust_pickle=args.trust_pickle)
+        base_detections = detect(base, data, device=args.device)
+        before = evaluate(base, data, detections=base_detections, evaluator=args.evaluator, score=args.score)
+        comparison = compare(result, before)
+    _print_eval(result, before, comparison)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": args.model,
+        "data": args.data,
+        **result.to_json(),
+        "base": before.to_json() if before else None,
+        "comparison": comparison,
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    page = write_report(
+        out / "report.html",
+        f"detgraft eval: {args.model}",
+        result,
+        data,
+        detections,
+        get_card(model).classes,
+        before=before,
+        base_detections=base_detections,
+        base_classes=get_card(base).classes if base else None,
+        comparison=comparison,
+        score=args.score,
+    )
+    log.info("wrote %s and %s", out / "eval.json", page)
+    return 0
+
+
+def _print_eval(result, before, comparison) -> None:
+    console = Console()
+    was = {c.name: c.ap for c in before.classes} if before else {}
+    table = Table(title="AP per class (COCO box AP@[.5:.95], AP50, AP75, AR@100)")
+    for column in ("label", "name", "group", "boxes", "AP", "AP50", "AP75", "AR") + (
+        ("AP before", "change") if before else ()
+    ):
+        table.add_column(column, justify="right")
+    for c in result.classes:
+        extra = (
+            (f"{was[c.name]:.3f}", f"{c.ap - was[c.name]:+.3f}") if c.name in was else (("-", "-") if before else ())
+        )
+        table.add_row(
+            str(c.label),
+            c.name,
+            c.group,
+            str(c.num_boxes),
+            f"{c.ap:.3f}",
+            f"{c.ap50:.3f}",
+            f"{c.ap75:.3f}",
+            f"{c.ar:.3f}",
+            *extra,
+        )
+    console.print(table)
+    groups = Table(title="groups")
+    for column in ("group", "AP", "AP50", "AP75", "AR"):
+        groups.add_column(column, justify="right")
+    for g, v in result.groups.items():
+        groups.add_row(g, *(f"{v[m]:.3f}" for m in ("ap", "ap50", "ap75", "ar")))
+    console.print(groups)
+    if comparison:
+        console.print(
+            f"old classes: AP {comparison['old_ap_before']:.3f} -> {comparison['old_ap_after']:.3f} "
+            f"({comparison['kept']:.1%} kept)"
+        )
+    if result.not_evaluated:
+        console.print(f"not evaluated (not labelled in the data): {', '.join(result.not_evaluated)}")
+    for who, ev in (("model", result), ("base", before)):
+        if ev and ev.confusions:
+            console.print(
+                f"{who}: old classes fired on new objects: "
+                + "; ".join(
+                    f"{c.new_class} -> {c.old_class} {c.count}/{c.total} ({c.share:.0%})" for c in ev.confusions
+                )
+            )
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from .evaluate import Dataset, drift
+
+    data = Dataset.from_folder(args.images)
+    model = _load(args)
+    base = load_model(args.base, args.base_weights, args.base_classes, trust_pickle=args.trust_pickle)
+    d = drift(model, base, data, score=args.score, device=args.device)
+    Console().print(
+        f"old classes against the base's {d.reference} confident detections (score >= {args.score}) "
+        f"on {len(data.coco['images'])} images: AP {d.ap:.3f}, AP50 {d.ap50:.3f}, "
+        f"{d.kept:.1%} of them still detected"
+    )
     return 0
 
 

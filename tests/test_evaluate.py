@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import safetensors.torch
+import torch
+from torchvision.io import write_png
+
+import detgraft
+from conftest import TINY_BUILDER
+from detgraft.cli import main
+from detgraft.evaluate import Dataset, compare, confusions, drift, evaluate
+from tiny_model import build, images
+
+NAMES = ["__background__", "person", "bird", "N/A", "cup", "laptop"]
+
+
+def tiny_with_names(new: list[str] = ()):
+    model = build()
+    model.detgraft_card = detgraft.ModelCard(classes=list(NAMES))
+    if new:
+        detgraft.expand_predictor(model, list(new))
+    return model
+
+
+def dataset(tmp_path, annotations, categories, n_images=2) -> Dataset:
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    for i, image in enumerate(images(n_images), start=1):
+        write_png((image * 255).byte(), str(folder / f"{i}.png"))
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(1, n_images + 1)],
+        "annotations": [
+            {"id": k, "image_id": im, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for k, (im, c, b) in enumerate(annotations, start=1)
+        ],
+        "categories": [{"id": i, "name": n} for i, n in categories],
+    }
+    (tmp_path / "data.json").write_text(json.dumps(coco))
+    return Dataset(coco, folder)
+
+
+def as_detections(rows):
+    """{image_id: detections} from (image_id, label, [x, y, w, h], score) rows."""
+    out = {}
+    for image_id, label, (x, y, w, h), score in rows:
+        d = out.setdefault(image_id, {"boxes": [], "labels": [], "scores": []})
+        d["boxes"].append([x, y, x + w, y + h]), d["labels"].append(label), d["scores"].append(score)
+    return {
+        k: {"boxes": torch.tensor(v["boxes"]), "labels": torch.tensor(v["labels"]), "scores": torch.tensor(v["scores"])}
+        for k, v in out.items()
+    }
+
+
+GT = [(1, 1, [5, 5, 20, 20]), (1, 2, [30, 30, 20, 25]), (2, 1, [10, 30, 15, 15]), (2, 4, [40, 2, 20, 10])]
+CATEGORIES = [(1, "person"), (2, "bird"), (4, "cup"), (7, "giraffe")]
+
+
+def test_perfect_detections_score_one(tmp_path):
+    data = dataset(tmp_path, GT, CATEGORIES)
+    result = evaluate(tiny_with_names(), data, detections=as_detections([(i, c, b, 1.0) for i, c, b in GT]))
+    assert [(c.name, c.num_boxes) for c in result.classes] == [("person", 2), ("bird", 1), ("cup", 1)]
+    # (COCOeval divides by tp + fp + machine epsilon: "1" is 1 - 2e-16)
+    one = pytest.approx(1.0, abs=1e-12)
+    assert all((c.ap, c.ap50, c.ap75, c.ar) == (one, one, one, one) for c in result.classes)
+    assert result.groups["old"]["ap"] == one and "new" not in result.groups
+    # laptop is a model class the data does not label: listed, not scored as 0
+    assert result.not_evaluated == ["laptop"]
+
+
+def test_hand_computed_average_precision(tmp_path):
+    data = dataset(tmp_path, [(1, 1, [5, 5, 20, 20]), (2, 1, [10, 30, 15, 15])], [(1, "person")])
+    rows = [(1, 1, [5, 5, 20, 20], 0.9), (1, 1, [40, 40, 10, 10], 0.8), (2, 1, [10, 30, 15, 15], 0.7)]
+    result = evaluate(tiny_with_names(), data, detections=as_detections(rows))
+    # ranks TP, FP, TP: interpolated precision 1 up to recall 0.5 (51 of COCO's 101 recall points)
+    # and 2/3 above it (50 points): (51 + 50 * 2/3) / 101 at every IoU threshold
+    expected = (51 + 50 * 2 / 3) / 101
+    assert result.classes[0].ap == pytest.approx(expected, abs=1e-9)
+    assert result.classes[0].ar == 1.0
+
+
+def test_pycocotools_and_faster_coco_eval_agree(tmp_path):
+    data = dataset(tmp_path, GT, CATEGORIES)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for image_id, label, (x, y, w, h) in GT * 3:  # jittered duplicates and misses
+        jitter = (torch.rand(4, generator=g) * 8 - 4).tolist()
+        rows.append(
+            (
+                image_id,
+                label,
+                [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                torch.rand(1, generator=g).item(),
+            )
+        )
+    rows.append((2, 2, [0, 0, 30, 30], 0.95))
+    detections = as_detections(rows)
+    a = evaluate(tiny_with_names(), data, detections=detections, evaluator="pycocotools")
+    b = evaluate(tiny_with_names(), data, detections=detections, evaluator="faster-coco-eval")
+    assert 0 < a.groups["all"]["ap"] < 1
+    for x, y in zip(a.classes, b.classes):
+        for metric in ("ap", "ap50", "ap75", "ar"):
+            assert getattr(x, metric) == pytest.approx(getattr(y, metric), abs=1e-6), (x.name, metric)
+
+
+def test_confusions_count_old_classes_on_new_objects(tmp_path):
+    model = tiny_with_names(["frog"])  # label 6
+    data = dataset(tmp_path, [(1, 9, [10, 10, 20, 20]), (2, 9, [5, 5, 10, 10])], [(9, "frog")])
+    detections = as_detections(
+        [
+            (1, 2, [11, 10, 20, 20], 0.9),  # bird on the first frog
+            (1, 4, [10, 10, 20, 20], 0.3),  # cup, below the score
+            (2, 6, [5, 5, 10, 10], 0.9),
+        ]
+    )  # the second frog found as frog
+    rows = confusions(model, data, detections)
+    assert [(c.new_class, c.old_class, c.count, c.total) for c in rows] == [("frog", "bird", 1, 2)]
+    assert rows[0].share == 0.5
+
+
+def test_compare_reports_forgetting(tmp_path):
+    data = dataset(tmp_path, GT, CATEGORIES)
+    perfect = as_detections([(i, c, b, 1.0) for i, c, b in GT])
+    worse = as_detections([(i, c, b, 1.0) for i, c, b in GT if c != 2])
+    before = evaluate(tiny_with_names(), data, detections=perfect)
+    after = evaluate(tiny_with_names(), data, detections=worse)
+    result = compare(after, before)
+    assert result["old_ap_before"] == pytest.approx(1.0) and result["kept"] == pytest.approx(2 / 3)
+    assert {r["name"]: r["change"] for r in result["old_classes"]}["bird"] == pytest.approx(-1.0)
+
+
+def test_drift_of_a_model_against_itself_is_perfect(tmp_path):
+    model = tiny_with_names()
+    data = dataset(tmp_path, [], [], n_images=3)
+    result = drift(model, model, Dataset.from_folder(data.images), score=0.2)
+    assert result.reference > 0
+    assert (result.ap, result.ap50, result.kept) == (pytest.approx(1.0), pytest.approx(1.0), 1.0)
+    other = tiny_with_names()
+    with torch.no_grad():
+        other.roi_heads.box_predictor.cls_score.weight.mul_(-1)
+    assert drift(other, model, Dataset.from_folder(data.images), score=0.2).ap < 1.0
+
+
+def test_eval_command_writes_json_and_a_report_a_browser_renders(tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    safetensors.torch.save_file(build().state_dict(), str(weights))
+    classes = tmp_path / "names.json"
+    classes.write_text(json.dumps(NAMES))
+    extended = detgraft.load_model(TINY_BUILDER, weights, classes)
+    detgraft.expand_predictor(extended, ["frog"])
+    detgraft.save_checkpoint(extended, tmp_path / "ckpt")
+    dataset(tmp_path, GT + [(2, 9, [30, 30, 20, 20])], CATEGORIES + [(9, "frog")])
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        str(tmp_path / "ckpt"),
+        "--data",
+        str(tmp_path / "data.json"),
+        "--images",
+        str(tmp_path / "images"),
+        "--compare",
+        TINY_BUILDER,
+        "--compare-weights",
+        str(weights),
+        "--compare-classes",
+        str(classes),
+        "--out",
+        str(out),
+        "--score",
+        "0.1",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["groups"]) == {"old", "new", "all"} and report["comparison"]["old_classes"]
+    assert report["not_evaluated"] == ["laptop"]
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium (.ci/run installs it) to render the report")
+        pytest.skip("chromium is not installed")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+    page = f"file://{out / 'report.html'}"
+    dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    for marker in ('id="headline"', 'id="ap-bars"', 'id="pr-curves"', 'class="confusions"'):
+        assert marker in dom, marker
+    assert dom.count("data:image/png;base64,") >= 2 + 2 * 2  # bars, curves, base/model per picture
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1200,2000", page], capture_output=True, timeout=120
+    )
+    assert shot.stat().st_size > 20_000  # a page with figures, not a blank one
