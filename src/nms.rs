@@ -163,15 +163,7 @@ fn check(boxes: &Tensor, scores: &Tensor, idxs: Option<&Tensor>) -> Result<()> {
         }
     }
     if n > 0 {
-        if bool::try_from(boxes.f_isnan()?.f_any()?)? {
-            let row = i64::try_from(
-                boxes
-                    .f_isnan()?
-                    .f_any_dim(1, false)?
-                    .f_nonzero()?
-                    .f_get(0)?
-                    .f_get(0)?,
-            )?;
+        if let Some(row) = real::first_nan_row(boxes)? {
             return Err(Error::Argument(format!(
                 "boxes contain NaN (first at row {row}); remove or fix those boxes"
             )));

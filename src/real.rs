@@ -122,6 +122,17 @@ pub fn slice_mut<T: Real>(t: &mut Tensor) -> Result<&mut [T]> {
     Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) })
 }
 
+/// The first row of a 2-D tensor that holds a NaN, if any (reads one bool, and one index if found).
+pub fn first_nan_row(t: &Tensor) -> Result<Option<i64>> {
+    let nan = t.f_isnan()?;
+    if !bool::try_from(nan.f_any()?)? {
+        return Ok(None);
+    }
+    Ok(Some(i64::try_from(
+        nan.f_any_dim(1, false)?.f_nonzero()?.f_get(0)?.f_get(0)?,
+    )?))
+}
+
 /// Threads for the host kernels: torch's intra-op setting, so `torch.set_num_threads` applies.
 pub fn threads() -> usize {
     tch::get_num_threads().max(1) as usize

@@ -119,14 +119,7 @@ fn check(rois: &Tensor, kind: Kind, device: Device, batch: i64, p: &Params) -> R
         )));
     }
     if k > 0 {
-        if bool::try_from(rois.f_isnan()?.f_any()?)? {
-            let row = i64::try_from(
-                rois.f_isnan()?
-                    .f_any_dim(1, false)?
-                    .f_nonzero()?
-                    .f_get(0)?
-                    .f_get(0)?,
-            )?;
+        if let Some(row) = real::first_nan_row(rois)? {
             return Err(Error::Argument(format!(
                 "rois contain NaN (first at row {row}); remove or fix those boxes"
             )));
