@@ -51,7 +51,7 @@ def main() -> None:
     base = detgraft.load_model(f"{b}/base_model.py:build", b / "base.safetensors", b / "base.json")
     widened = detgraft.expand_predictor(copy.deepcopy(base), ["chicken", "frog"])
     train = load_images(args.data, "new_train", 240)
-    batches = [([im for im, _ in train[i:i + 8]], [t for _, t in train[i:i + 8]]) for i in range(0, 240, 8)]
+    batches = [([im for im, _ in train[i : i + 8]], [t for _, t in train[i : i + 8]]) for i in range(0, 240, 8)]
     start = time.perf_counter()
     models = {"widened, not trained": widened}
     for steps in (10, 40, 120):

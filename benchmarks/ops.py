@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torchvision.ops import MultiScaleRoIAlign, nms as tv_nms
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import nms as tv_nms
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
@@ -78,7 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    default_threads = torch.get_num_threads()
+    parser.add_argument("--threads", type=int, default=default_threads)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,8 +90,10 @@ def main() -> None:
     for n in (1000, 5000, 20000):
         boxes, scores = rpn_like_boxes(n, device)
         assert torch.equal(ops.nms(boxes, scores, 0.7), tv_nms(boxes, scores, 0.7))
-        ours, theirs = compare(lambda: ops.nms(boxes, scores, 0.7), lambda: tv_nms(boxes, scores, 0.7),
-                               args.repeats if n < 20000 else max(3, args.repeats // 3), device)
+        repeats = args.repeats if n < 20000 else max(3, args.repeats // 3)
+        ours, theirs = compare(
+            lambda b=boxes, s=scores: ops.nms(b, s, 0.7), lambda b=boxes, s=scores: tv_nms(b, s, 0.7), repeats, device
+        )
         kept = len(tv_nms(boxes, scores, 0.7))
         rows.append((f"nms {n} boxes (IoU 0.7, {kept} kept)", ours, theirs))
 
@@ -121,8 +125,11 @@ def main() -> None:
     rows.append(("roi_align backward, same", ours, theirs))
 
     card = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    command = "python benchmarks/ops.py" + (f" --device {device}" if device != "cpu" else "") + (
-        f" --threads {args.threads}" if args.threads != torch.get_num_threads() else "")
+    command = (
+        "python benchmarks/ops.py"
+        + (f" --device {device}" if device != "cpu" else "")
+        + (f" --threads {args.threads}" if args.threads != default_threads else "")
+    )
     lines = [
         f"## Ops on {device} ({card}, {torch.get_num_threads()} torch threads)",
         "",
