@@ -24,7 +24,7 @@ from rich.table import Table
 
 from .card import UNUSED, get_card
 from .loading import load_model
-from .predict import find_images, predict_files
+from .predict import IMAGE_SUFFIXES, find_images, predict_files
 
 log = logging.getLogger("detgraft")
 
@@ -147,7 +147,7 @@ def _predict(args: argparse.Namespace) -> int:
     model = _load(args)
     files = find_images(args.input)
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(('.jpg', '.png'))}, ...) in {args.input!r}")
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {args.input!r}")
     predictions, skipped = predict_files(model, files, args.out, score=args.score, device=args.device)
     count = sum(len(p.labels) for p in predictions)
     log.info("%d detections in %d images -> %s/detections.json", count, len(predictions), args.out)

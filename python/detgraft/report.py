@@ -19,9 +19,17 @@ from .predict import _PALETTE
 __all__ = ["write_report"]
 
 
-def _png(figure) -> str:
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(figure) -> str:
+    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
@@ -29,11 +37,7 @@ def _png(figure) -> str:
 
 
 def _ap_bars(after: Evaluation, before: Evaluation | None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = [c.name for c in after.classes]
     was = {c.name: c.ap for c in before.classes} if before else {}
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.35), 3.5))
@@ -59,8 +63,7 @@ def _ap_bars(after: Evaluation, before: Evaluation | None) -> str:
 def _pr_curves(after: Evaluation) -> str | None:
     if not after.pr_curves:
         return None
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     recall = [i / 100 for i in range(101)]
     for name, precision in after.pr_curves.items():
