@@ -13,6 +13,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the Rust extension)
 from . import _core  # noqa: F401
 from .card import ModelCard, get_card
 from .checkpoint import load_checkpoint, save_checkpoint
+from .incremental import freeze_batchnorm, incremental
 from .loading import load_model
 from .surgery import INITS, box_features, expand_predictor, expand_state_dict
 
@@ -22,7 +23,9 @@ __all__ = [
     "box_features",
     "expand_predictor",
     "expand_state_dict",
+    "freeze_batchnorm",
     "get_card",
+    "incremental",
     "load_checkpoint",
     "load_model",
     "save_checkpoint",
