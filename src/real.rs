@@ -89,15 +89,20 @@ pub fn min<T: Real>(a: T, b: T) -> T {
     }
 }
 
-/// The elements of a contiguous CPU tensor of kind `T::KIND`.
-pub fn slice<T: Real>(t: &Tensor) -> Result<&[T]> {
+/// The length of `t` if it can be viewed as a slice of `T`: contiguous, on the CPU, of `T::KIND`.
+fn host_len<T: Real>(t: &Tensor) -> Result<usize> {
     if !t.is_contiguous() || t.device() != tch::Device::Cpu || t.kind() != T::KIND {
         return Err(Error::Argument(format!(
             "internal: expected a contiguous CPU {:?} tensor",
             T::KIND
         )));
     }
-    let n = t.numel();
+    Ok(t.numel())
+}
+
+/// The elements of a contiguous CPU tensor of kind `T::KIND`.
+pub fn slice<T: Real>(t: &Tensor) -> Result<&[T]> {
+    let n = host_len::<T>(t)?;
     if n == 0 {
         return Ok(&[]);
     }
@@ -108,13 +113,7 @@ pub fn slice<T: Real>(t: &Tensor) -> Result<&[T]> {
 
 /// The elements of a contiguous CPU tensor of kind `T::KIND`, for writing.
 pub fn slice_mut<T: Real>(t: &mut Tensor) -> Result<&mut [T]> {
-    if !t.is_contiguous() || t.device() != tch::Device::Cpu || t.kind() != T::KIND {
-        return Err(Error::Argument(format!(
-            "internal: expected a contiguous CPU {:?} tensor",
-            T::KIND
-        )));
-    }
-    let n = t.numel();
+    let n = host_len::<T>(t)?;
     if n == 0 {
         return Ok(&mut []);
     }

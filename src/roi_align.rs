@@ -198,24 +198,8 @@ fn samples<T: Real>(roi: &[T], p: &Params, height: usize, width: usize) -> Sampl
                     if x <= T::ZERO {
                         x = T::ZERO;
                     }
-                    let (mut y_low, mut x_low) = (y.to_f64() as usize, x.to_f64() as usize);
-                    let (y_high, x_high);
-                    if y_low >= height - 1 {
-                        y_low = height - 1;
-                        y_high = y_low;
-                        y = T::from_i64(y_low as i64);
-                    } else {
-                        y_high = y_low + 1;
-                    }
-                    if x_low >= width - 1 {
-                        x_low = width - 1;
-                        x_high = x_low;
-                        x = T::from_i64(x_low as i64);
-                    } else {
-                        x_high = x_low + 1;
-                    }
-                    let ly = y - T::from_i64(y_low as i64);
-                    let lx = x - T::from_i64(x_low as i64);
+                    let (y_low, y_high, ly) = neighbours(y, height);
+                    let (x_low, x_high, lx) = neighbours(x, width);
                     let (hy, hx) = (T::ONE - ly, T::ONE - lx);
                     pos.push([
                         y_low * width + x_low,
@@ -234,6 +218,17 @@ fn samples<T: Real>(roi: &[T], p: &Params, height: usize, width: usize) -> Sampl
         batch: roi[0].to_f64() as usize,
         pos,
         weight,
+    }
+}
+
+/// The two pixels around coordinate `v` (>= 0) along an axis of `size` pixels and the weight of
+/// the upper one, clamped at the last pixel as torchvision does.
+fn neighbours<T: Real>(v: T, size: usize) -> (usize, usize, T) {
+    let low = v.to_f64() as usize;
+    if low >= size - 1 {
+        (size - 1, size - 1, T::ZERO)
+    } else {
+        (low, low + 1, v - T::from_i64(low as i64))
     }
 }
 
