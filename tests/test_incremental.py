@@ -86,3 +86,54 @@ def test_naive_strategy_trains_everything_but_batchnorm_statistics():
 def test_incremental_errors(make, strategy, match):
     with pytest.raises(ValueError, match=match):
         incremental(make(), strategy)
+
+
+def test_pseudo_teacher_never_changes_and_is_not_part_of_the_model():
+    model = incremental(widened(), "pseudo", keep=0.5, ignore=0.2)
+    teacher = model.detgraft_teacher
+    snapshot = copy.deepcopy(teacher.state_dict())
+    train(model)
+    assert all(torch.equal(v, snapshot[k]) for k, v in teacher.state_dict().items())
+    assert not any("teacher" in k for k in model.state_dict())
+    assert all(p is not q for p in model.parameters() for q in teacher.parameters())
+
+
+def test_pseudo_labels_keep_confident_ignore_uncertain_and_respect_user_labels():
+    from detgraft.incremental import _merge
+
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([6])}
+    teacher = {
+        "boxes": torch.tensor([[0.0, 0, 10, 11], [20, 20, 30, 30], [40, 40, 50, 50], [5, 30, 15, 40], [50, 0, 60, 9]]),
+        "labels": torch.tensor([2, 2, 4, 5, 7]),
+        "scores": torch.tensor([0.9, 0.8, 0.5, 0.1, 0.9]),
+    }
+    merged = _merge(target, teacher, torch.tensor([1, 2, 4, 5]), keep=0.7, ignore=0.3)
+    # kept: the user's frog; bird 0.8 as a label; cup 0.5 as ignored (-1). Dropped: the bird on the
+    # user's frog (IoU > 0.5), the laptop below 0.3, the teacher's new-class box
+    assert merged["labels"].tolist() == [6, 2, -1]
+    assert merged["boxes"].tolist() == [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]
+
+
+def test_boxes_labelled_minus_one_are_left_out_of_the_box_head_loss():
+    # the torchvision behaviour the pseudo strategy relies on
+    model = widened()
+    heads = model.roi_heads
+    proposals = [torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [30, 30, 40, 40], [50, 50, 60, 60]])]
+    _, labels = heads.assign_targets_to_proposals(
+        proposals, [torch.tensor([[0.0, 0, 10, 10], [30, 30, 40, 40]])], [torch.tensor([-1, 6])]
+    )
+    assert labels[0].tolist() == [-1, -1, 6, 0]
+    positive, negative = heads.fg_bg_sampler(labels)
+    picked = (positive[0] | negative[0]).nonzero().flatten().tolist()
+    assert 0 not in picked and 1 not in picked and 2 in picked and 3 in picked
+
+
+def test_a_deep_copy_of_a_head_model_guards_its_own_rows():
+    model = incremental(widened(), "head")
+    clone = copy.deepcopy(model)
+    reference = copy.deepcopy(model.state_dict())
+    train(clone)
+    name = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(clone.state_dict()[name][:6], reference[name][:6])
+    assert not torch.equal(clone.state_dict()[name][6:], reference[name][6:])
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())  # the original untouched

@@ -5,6 +5,8 @@ targets)`` still returns torchvision's loss dict and eval mode still returns its
 Strategies implemented so far (the issue lists more):
 
 - ``naive``: every trainable parameter learns from the new labels (the forum recipe; it forgets).
+- ``pseudo``: as ``naive``, plus a frozen ``teacher`` (the model before training) labels the old
+  classes' objects in the new images; uncertain teacher boxes are left out of the loss.
 - ``head``: only the new classes' rows of ``cls_score`` / ``bbox_pred`` learn; everything else stays
   bit-identical, whatever the optimizer does (momentum, weight decay), and the softmax over all
   classes arbitrates between old and new.
@@ -14,10 +16,12 @@ Both freeze BatchNorm statistics first (``freeze_batchnorm``): live BatchNorm dr
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .card import get_card
@@ -26,7 +30,7 @@ __all__ = ["STRATEGIES", "freeze_batchnorm", "incremental"]
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("naive", "head")
+STRATEGIES = ("naive", "head", "pseudo")
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -50,9 +54,13 @@ def freeze_batchnorm(model: nn.Module) -> int:
     return replaced
 
 
-def incremental(model: nn.Module, strategy: str = "head") -> nn.Module:
+def incremental(model: nn.Module, strategy: str = "head", *, keep: float = 0.7, ignore: float = 0.3) -> nn.Module:
     """Prepares a widened detector (``expand_predictor`` first) for fine-tuning with ``strategy``,
-    in place; build the optimizer afterwards from the parameters that require grad."""
+    in place; build the optimizer afterwards from the parameters that require grad.
+
+    ``keep`` and ``ignore`` are the ``pseudo`` strategy's teacher score thresholds."""
+    if not 0 <= ignore <= keep <= 1:
+        raise ValueError(f"need 0 <= ignore <= keep <= 1; got ignore={ignore}, keep={keep}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     card = get_card(model)
@@ -62,6 +70,8 @@ def incremental(model: nn.Module, strategy: str = "head") -> nn.Module:
     log.info("froze %d BatchNorm layers", frozen)
     if strategy == "head":
         _train_new_rows_only(model, min(card.new_labels))
+    if strategy == "pseudo":
+        _add_pseudo_labels(model, keep, ignore)
     model.detgraft_strategy = strategy
     return model
 
@@ -70,27 +80,71 @@ def _train_new_rows_only(model: nn.Module, first_new: int) -> None:
     predictor = model.roi_heads.box_predictor
     for p in model.parameters():
         p.requires_grad_(False)
-    rows = {predictor.cls_score: first_new, predictor.bbox_pred: 4 * first_new}
-    for layer, old in rows.items():
+    rows = {"cls_score": first_new, "bbox_pred": 4 * first_new}
+    for name, old in rows.items():
+        layer = getattr(predictor, name)
         for p in (layer.weight, layer.bias):
             p.requires_grad_(True)
             p.register_hook(lambda grad, old=old: _zero_rows(grad, old))
-    # the old rows as they are now; put back before every forward, so no optimizer step can move them
+    # the old rows as they are now, put back before every forward and every state_dict: an
+    # optimizer's weight decay or momentum may have moved them in its last step. The hooks find
+    # the predictor through their module argument, so a deep copy of the model restores its own.
     saved = {
-        layer: (layer.weight[: rows[layer]].detach().clone(), layer.bias[: rows[layer]].detach().clone())
-        for layer in rows
+        name: (
+            getattr(predictor, name).weight[:old].detach().clone(),
+            getattr(predictor, name).bias[:old].detach().clone(),
+        )
+        for name, old in rows.items()
     }
 
-    def restore_old_rows(_module, _args) -> None:
+    def restore(box_predictor: nn.Module) -> None:
         with torch.no_grad():
-            for layer, (weight, bias) in saved.items():
+            for name, (weight, bias) in saved.items():
+                layer = getattr(box_predictor, name)
                 layer.weight[: len(weight)] = weight
                 layer.bias[: len(bias)] = bias
 
-    # before every forward and every state_dict: an optimizer's weight decay or momentum may have
-    # moved them in the last step
-    model.register_forward_pre_hook(restore_old_rows)
-    predictor.register_state_dict_pre_hook(lambda module, prefix, keep_vars: restore_old_rows(module, ()))
+    model.register_forward_pre_hook(lambda module, args: restore(module.roi_heads.box_predictor))
+    predictor.register_state_dict_pre_hook(lambda module, prefix, keep_vars: restore(module))
+
+
+def _add_pseudo_labels(model: nn.Module, keep: float, ignore: float) -> None:
+    """Before each training forward, a frozen copy of the model as it is now (the ``teacher``)
+    detects old classes in the batch: detections scoring >= ``keep`` become labels, those between
+    ``ignore`` and ``keep`` become boxes labelled -1, which torchvision's RoI heads match and then
+    leave out of the loss (its sampler skips label -1). Teacher boxes on a labelled object
+    (IoU >= 0.5) are dropped: the user's label wins."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    old = torch.tensor(get_card(model).old_labels)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        images = args[0] if args else kwargs.get("images")
+        targets = args[1] if len(args) > 1 else kwargs.get("targets")
+        if not module.training or targets is None:
+            return None
+        device = images[0].device
+        with torch.no_grad():
+            detections = teacher.to(device)(images)
+        merged = [_merge(t, d, old.to(device), keep, ignore) for t, d in zip(targets, detections)]
+        return (images, merged), {}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    object.__setattr__(model, "detgraft_teacher", teacher)  # reachable, but not a submodule: not trained or saved
+
+
+def _merge(target: dict[str, Tensor], d: dict[str, Tensor], old: Tensor, keep: float, ignore: float):
+    boxes, labels = target["boxes"], target["labels"]
+    take = (d["scores"] >= ignore) & torch.isin(d["labels"], old)
+    if len(boxes):
+        take &= ~(box_iou(d["boxes"], boxes.to(d["boxes"]).reshape(-1, 4)) >= 0.5).any(1)
+    pseudo_labels = torch.where(d["scores"][take] >= keep, d["labels"][take], torch.full_like(d["labels"][take], -1))
+    return {
+        **target,
+        "boxes": torch.cat([boxes.to(d["boxes"]).reshape(-1, 4), d["boxes"][take]]),
+        "labels": torch.cat([labels.to(pseudo_labels), pseudo_labels]),
+    }
 
 
 def _zero_rows(grad: Tensor, rows: int) -> Tensor:
