@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .card import ModelCard, get_card
-from .loading import TORCHVISION_BUILDERS, build_architecture
+from .loading import build_architecture, torchvision_builder
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -42,9 +42,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
     """
     card = get_card(model)
     if isinstance(builder, str):
-        if builder not in TORCHVISION_BUILDERS:
-            raise ValueError(f"builder {builder!r} is not one of {', '.join(TORCHVISION_BUILDERS)}")
-        builder = {"kind": "torchvision", "name": builder, "kwargs": {"weights": None, "weights_backbone": None}}
+        builder = torchvision_builder(builder)
     builder = builder or card.builder
     if builder is None:
         raise ValueError(

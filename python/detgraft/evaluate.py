@@ -250,7 +250,7 @@ def confusions(
     known = {n.lower() for n in card.classes}
     new_names = {card.classes[label].lower() for label in card.new_labels}
     targets = {cid for cid, n in names.items() if n.lower() in new_names or n.lower() not in known}
-    old = set(card.old_labels)
+    old = torch.tensor(card.old_labels)
     boxes: dict[int, list[tuple[int, list[float]]]] = {}
     for a in data.coco["annotations"]:
         if a["category_id"] in targets:
@@ -264,7 +264,7 @@ def confusions(
             totals[cid] = totals.get(cid, 0) + 1
             if d is None:
                 continue
-            keep = (d["scores"] >= score) & torch.tensor([int(x) in old for x in d["labels"]], dtype=torch.bool)
+            keep = (d["scores"] >= score) & torch.isin(d["labels"], old)
             if not keep.any():
                 continue
             overlaps = box_iou(torch.tensor([box]), d["boxes"][keep])[0] >= iou

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 
 from .card import BACKGROUND, ModelCard, coco_names
 
-__all__ = ["TORCHVISION_BUILDERS", "load_model", "read_state_dict", "build_architecture", "weights_cache_path"]
+__all__ = [
+    "TORCHVISION_BUILDERS",
+    "load_model",
+    "read_state_dict",
+    "build_architecture",
+    "torchvision_builder",
+    "weights_cache_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
+def torchvision_builder(name: str) -> dict[str, Any]:
+    """The builder record of torchvision's ``name``, called without any weights."""
+    if name not in TORCHVISION_BUILDERS:
+        raise ValueError(f"builder {name!r} is not one of {', '.join(TORCHVISION_BUILDERS)}")
+    return {"kind": "torchvision", "name": name, "kwargs": {"weights": None, "weights_backbone": None}}
+
+
 def build_architecture(builder: Mapping[str, Any], num_classes: int) -> nn.Module:
     """An untrained model of the architecture ``builder`` describes, with ``num_classes`` outputs."""
     if builder["kind"] == "torchvision":
@@ -158,8 +172,7 @@ def _load_torchvision(name: str, weights: str | Path | None, classes) -> tuple[n
         net = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes)
         _load_weights(net, state_dict, weights, name)
         names, source = None, str(Path(weights).resolve())
-    builder = {"kind": "torchvision", "name": name, "kwargs": {"weights": None, "weights_backbone": None}}
-    return net, _card(net, classes, names, builder, source)
+    return net, _card(net, classes, names, torchvision_builder(name), source)
 
 
 def _load_python_builder(spec: str, weights, classes) -> tuple[nn.Module, ModelCard]:
