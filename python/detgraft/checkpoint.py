@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .branch import branch_layout, restore_branches
 from .card import ModelCard, get_card
 from .loading import build_architecture, torchvision_builder
 
@@ -73,6 +74,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
         "weights_sha256": digest,
         # what a builder called without weights does not reproduce (torchvision freezes both
         # only when it loads pretrained weights)
+        "branches": branch_layout(model),
         "frozen_batchnorm": [n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)],
         "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad],
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
@@ -102,6 +104,8 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     model = build_architecture(meta["builder"], meta["num_classes"])
     for name in meta.get("frozen_batchnorm", []):
         _freeze_batchnorm(model, name)
+    if meta.get("branches"):
+        restore_branches(model, meta["branches"])
     model.load_state_dict(load_file(str(weights)))
     for name in meta.get("frozen_parameters", []):
         model.get_parameter(name).requires_grad_(False)

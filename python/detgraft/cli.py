@@ -4,6 +4,7 @@
     detgraft predict MODEL IMAGE_OR_DIR --out DIR [--score 0.5]
     detgraft eval MODEL --data test.json --images DIR [--compare BASE] [--out DIR]
     detgraft drift MODEL --base BASE --images DIR
+    detgraft extend --base MODEL --train new.json --images DIR [--val val.json] --out DIR
 
 MODEL is what ``detgraft.load_model`` accepts: a checkpoint folder, a torchvision builder name with
 ``--weights DEFAULT|COCO_V1|FILE``, ``file.py:function`` with ``--weights FILE``, or a pickled model
@@ -83,7 +84,68 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--score", type=float, default=0.5, help="base detections at or above this are the reference")
     dr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     dr.set_defaults(run=_drift)
+
+    ex = sub.add_parser("extend", help="add the training file's categories to a model and fine-tune it")
+    ex.add_argument("--base", required=True, help="the model to extend (what MODEL accepts elsewhere)")
+    ex.add_argument("--weights", help="--weights of the base")
+    ex.add_argument("--classes", help="--classes of the base")
+    ex.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole model (runs its code)")
+    ex.add_argument("--train", required=True, help="COCO json labelling only the new classes (its categories)")
+    ex.add_argument("--images", required=True, help="folder of the json files' file_names")
+    ex.add_argument("--val", help="COCO json with old and new classes labelled: AP and report.html at the end")
+    ex.add_argument("--replay", help="COCO json of annotated old-class images to mix in")
+    ex.add_argument("--out", required=True, help="folder for the checkpoint, settings, log and report")
+    ex.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _settings_flags(ex)
+    ex.set_defaults(run=_extend)
     return parser
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``ExtendSettings`` field, same name, same default."""
+    from dataclasses import MISSING, fields
+
+    from .extend import ExtendSettings
+
+    types = {"int": int, "float": float, "str": str, "float | None": _float_or_none}
+    for f in fields(ExtendSettings):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(
+                flag, type=types[f.type], default=default, help=f"{f.metadata['help']} (default {default})"
+            )
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _extend(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .evaluate import load_dataset
+    from .extend import ExtendSettings, extend
+
+    settings = ExtendSettings(**{f.name: getattr(args, f.name) for f in fields(ExtendSettings)})
+    images = Path(args.images)
+    train = load_dataset(args.train, images)
+    val = load_dataset(args.val, images) if args.val else None
+    replay = load_dataset(args.replay, images) if args.replay else None
+    model = load_model(args.base, args.weights, args.classes, trust_pickle=args.trust_pickle)
+    try:
+        extend(model, train, settings, out=args.out, val=val, replay=replay, resume=args.resume)
+    except KeyboardInterrupt as stop:
+        log.warning("%s", stop or f"interrupted; continue with --resume (checkpoint {args.out}/last)")
+        return 130
+    except FloatingPointError as err:
+        log.error("%s", err)
+        return 1
+    log.info("checkpoint, settings.json, mapping.json and extend.log in %s", args.out)
+    return 0
 
 
 def _load(args: argparse.Namespace):

@@ -24,13 +24,15 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .branch import add_branch
 from .card import get_card
+from .distill import add_distillation
 
 __all__ = ["STRATEGIES", "freeze_batchnorm", "incremental"]
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("naive", "head", "pseudo")
+STRATEGIES = ("naive", "head", "pseudo", "distill", "branch")
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -54,11 +56,21 @@ def freeze_batchnorm(model: nn.Module) -> int:
     return replaced
 
 
-def incremental(model: nn.Module, strategy: str = "head", *, keep: float = 0.7, ignore: float = 0.3) -> nn.Module:
+def incremental(
+    model: nn.Module,
+    strategy: str = "branch",
+    *,
+    keep: float = 0.7,
+    ignore: float = 0.3,
+    merge_iou: float | None = 0.5,
+) -> nn.Module:
     """Prepares a widened detector (``expand_predictor`` first) for fine-tuning with ``strategy``,
-    in place; build the optimizer afterwards from the parameters that require grad.
+    in place; build the optimizer afterwards from the parameters that require grad. The classes
+    of the latest ``expand_predictor`` call are the new ones.
 
-    ``keep`` and ``ignore`` are the ``pseudo`` strategy's teacher score thresholds."""
+    ``keep`` and ``ignore`` are the teacher score thresholds of ``pseudo`` / ``distill``;
+    ``merge_iou`` is the overlap at which ``branch`` lets the stronger of an old-class and a
+    new-class detection win (None: keep both)."""
     if not 0 <= ignore <= keep <= 1:
         raise ValueError(f"need 0 <= ignore <= keep <= 1; got ignore={ignore}, keep={keep}")
     if strategy not in STRATEGIES:
@@ -68,10 +80,17 @@ def incremental(model: nn.Module, strategy: str = "head", *, keep: float = 0.7, 
         raise ValueError("the model has no new classes: call detgraft.expand_predictor(model, names) first")
     frozen = freeze_batchnorm(model)
     log.info("froze %d BatchNorm layers", frozen)
+    new_labels = card.history[-1]["labels"]
     if strategy == "head":
-        _train_new_rows_only(model, min(card.new_labels))
-    if strategy == "pseudo":
-        _add_pseudo_labels(model, keep, ignore)
+        _train_new_rows_only(model, min(new_labels))
+    if strategy in ("pseudo", "distill"):
+        teacher = _add_pseudo_labels(model, keep, ignore, min(new_labels))
+        if strategy == "distill":
+            add_distillation(model, teacher, min(new_labels))
+    if strategy == "branch":
+        add_branch(model, new_labels, merge_iou)
+        # the frozen RPN's losses carry no gradient: leave them out of the loss dict
+        model.register_forward_hook(_drop_rpn_losses)
     model.detgraft_strategy = strategy
     return model
 
@@ -108,7 +127,13 @@ def _train_new_rows_only(model: nn.Module, first_new: int) -> None:
     predictor.register_state_dict_pre_hook(lambda module, prefix, keep_vars: restore(module))
 
 
-def _add_pseudo_labels(model: nn.Module, keep: float, ignore: float) -> None:
+def _drop_rpn_losses(module: nn.Module, args, output):
+    if module.training and isinstance(output, dict):
+        return {k: v for k, v in output.items() if k not in ("loss_objectness", "loss_rpn_box_reg")}
+    return None
+
+
+def _add_pseudo_labels(model: nn.Module, keep: float, ignore: float, first_new: int) -> nn.Module:
     """Before each training forward, a frozen copy of the model as it is now (the ``teacher``)
     detects old classes in the batch: detections scoring >= ``keep`` become labels, those between
     ``ignore`` and ``keep`` become boxes labelled -1, which torchvision's RoI heads match and then
@@ -117,7 +142,8 @@ def _add_pseudo_labels(model: nn.Module, keep: float, ignore: float) -> None:
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    old = torch.tensor(get_card(model).old_labels)
+    card = get_card(model)
+    old = torch.tensor([label for label in range(1, first_new) if card.classes[label] != "N/A"])
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         images = args[0] if args else kwargs.get("images")
@@ -132,6 +158,7 @@ def _add_pseudo_labels(model: nn.Module, keep: float, ignore: float) -> None:
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     object.__setattr__(model, "detgraft_teacher", teacher)  # reachable, but not a submodule: not trained or saved
+    return teacher
 
 
 def _merge(target: dict[str, Tensor], d: dict[str, Tensor], old: Tensor, keep: float, ignore: float):

@@ -1,0 +1,381 @@
+"""``detgraft.extend``: widen, prepare with a strategy, fine-tune, save, evaluate, in one call.
+
+The loop is torchvision's (``loss = sum(model(images, targets).values())``) around
+``detgraft.incremental``. Every field of ``ExtendSettings`` is a flag of ``detgraft extend``.
+Runs are seeded: the same settings repeat exactly on the CPU, and ``resume`` continues a run
+from its last checkpoint as if it had not stopped (batches, flips, samplers and optimizer state
+are restored). Ctrl-C finishes the current step, writes the checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchvision.io import ImageReadMode, decode_image
+
+from .card import get_card
+from .checkpoint import save_checkpoint
+from .evaluate import Dataset
+from .incremental import STRATEGIES, incremental
+from .surgery import INITS, expand_predictor
+
+__all__ = ["ExtendSettings", "TrainingSet", "extend"]
+
+log = logging.getLogger(__name__)
+
+LAST, STATE = "last", "train_state.pt"
+
+
+def _flag(help: str, **kw: Any) -> Any:
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class ExtendSettings:
+    """How ``extend`` trains; each field is the ``detgraft extend`` flag of the same name."""
+
+    strategy: str = _flag(f"one of {', '.join(STRATEGIES)}", default="branch")
+    steps: int = _flag("optimizer steps", default=600)
+    batch_size: int = _flag("images per step", default=8)
+    lr: float = _flag("peak learning rate (SGD)", default=0.05)
+    momentum: float = _flag("SGD momentum", default=0.9)
+    weight_decay: float = _flag("SGD weight decay", default=1e-4)
+    warmup: int = _flag("steps of linear warm-up before the cosine decay", default=50)
+    init: str = _flag(f"how the new rows start: one of {', '.join(INITS)}", default="preserve")
+    keep: float = _flag("pseudo/distill: teacher score that makes a label", default=0.7)
+    ignore: float = _flag("pseudo/distill: teacher score from which a box is left out of the loss", default=0.3)
+    merge_iou: float | None = _flag(
+        "branch: overlap at which the stronger of an old and a new detection wins (none: keep both)", default=0.5
+    )
+    hflip: bool = _flag("flip half the images left-right", default=True)
+    seed: int = _flag("seed of batches, flips and samplers", default=0)
+    checkpoint_every: int = _flag("write OUT/last every this many steps", default=100)
+    device: str = _flag("cpu or cuda", default="cpu")
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} is unknown: choose one of {', '.join(INITS)}")
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive; got {self.lr}")
+
+
+class TrainingSet:
+    """COCO-json training images with their labels in the model's label space."""
+
+    def __init__(self, data: Dataset, label_of: dict[int, int]) -> None:
+        boxes: dict[int, list] = {im["id"]: [] for im in data.coco["images"]}
+        for a in data.coco["annotations"]:
+            if a.get("iscrowd", 0) or a["category_id"] not in label_of:
+                continue
+            x, y, w, h = a["bbox"]
+            if w > 0 and h > 0:
+                boxes[a["image_id"]].append(([x, y, x + w, y + h], label_of[a["category_id"]]))
+        self.items = [
+            (
+                data.path(im),
+                torch.tensor([b for b, _ in boxes[im["id"]]], dtype=torch.float32).reshape(-1, 4),
+                torch.tensor([label for _, label in boxes[im["id"]]], dtype=torch.int64),
+            )
+            for im in data.coco["images"]
+        ]
+        if not self.items:
+            raise ValueError("the training file lists no images")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __add__(self, other: TrainingSet) -> TrainingSet:
+        both = object.__new__(TrainingSet)
+        both.items = self.items + other.items
+        return both
+
+    def example(self, index: int, flip: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        path, boxes, labels = self.items[index]
+        image = decode_image(str(path), mode=ImageReadMode.RGB).float() / 255
+        if flip:
+            image = image.flip(-1)
+            boxes = boxes.clone()
+            boxes[:, [0, 2]] = image.shape[-1] - boxes[:, [2, 0]]
+        return image, {"boxes": boxes, "labels": labels}
+
+    def batch(self, step: int, size: int, seed: int, hflip: bool) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        """The ``step``-th batch of a seeded run: epochs are permutations seeded by (seed, epoch)."""
+        n = len(self.items)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        flips = (torch.rand(size, generator=g) < 0.5).tolist() if hflip else [False] * size
+        picks = []
+        for k, position in enumerate(range(step * size, (step + 1) * size)):
+            epoch, index = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            picks.append(self.example(int(order[index]), flips[k]))
+        return [p[0] for p in picks], [p[1] for p in picks]
+
+
+def new_class_names(data: Dataset, model: nn.Module) -> list[str]:
+    """The training file's categories (in id order): the classes to add."""
+    names = [c["name"] for c in sorted(data.coco["categories"], key=lambda c: c["id"])]
+    known = {n.lower(): i for i, n in enumerate(get_card(model).classes)}
+    clash = [f"{n!r} (label {known[n.lower()]})" for n in names if n.lower() in known]
+    if clash:
+        raise ValueError(
+            f"the training file's categories are the classes to add, but the model already has {', '.join(clash)}: "
+            "remove those categories from the file, or pass their images with --replay"
+        )
+    if not names:
+        raise ValueError("the training file has no categories: they name the classes to add")
+    return names
+
+
+def extend(
+    model: nn.Module,
+    train: Dataset,
+    settings: ExtendSettings | None = None,
+    *,
+    out: str | Path,
+    val: Dataset | None = None,
+    replay: Dataset | None = None,
+    resume: bool = False,
+) -> nn.Module:
+    """Adds ``train``'s categories to ``model`` and fine-tunes it with ``settings.strategy``.
+
+    Writes to ``out``: the checkpoint (``model.safetensors``, ``detgraft.json``), ``settings.json``,
+    ``mapping.json`` (category -> label), ``extend.log``, ``extend.json`` (time, peak memory,
+    final losses) and, with ``val``, ``eval.json`` and ``report.html``. ``out/last`` holds the
+    latest checkpoint while training. Returns the model in eval mode.
+    """
+    settings = settings or ExtendSettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "extend.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("detgraft").addHandler(handler)
+    try:
+        return _extend(model, train, settings, out, val, replay, resume)
+    finally:
+        logging.getLogger("detgraft").removeHandler(handler)
+        handler.close()
+
+
+def _extend(model, train, settings, out, val, replay, resume):
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    names = new_class_names(train, model)
+    card = get_card(model)
+    first = card.num_classes
+    mapping = {c["name"]: first + names.index(c["name"]) for c in train.coco["categories"]}
+    log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))
+    by_id = {c["id"]: mapping[c["name"]] for c in train.coco["categories"]}
+    data = TrainingSet(train, by_id)
+    if replay is not None:
+        data = data + TrainingSet(replay, _replay_labels(replay, card))
+        log.info("replay: %d annotated old-class images mixed in", len(replay.coco["images"]))
+    saved = {
+        "settings": asdict(settings),
+        "train": str(train.images),
+        "mapping": mapping,
+        "replay": str(replay.images) if replay else None,
+    }
+    if resume:
+        _check_resume(out, saved)
+    (out / "settings.json").write_text(json.dumps(saved, indent=1))
+    (out / "mapping.json").write_text(json.dumps(mapping, indent=1))
+
+    examples = None
+    if settings.init == "imprint":
+        new_items = [i for i, (_, _, labels) in enumerate(data.items) if (labels >= first).any()][:64]
+        examples = [data.example(i) for i in new_items]
+    expand_predictor(model, names, settings.init, examples=examples, seed=settings.seed)
+    get_card(model).history[-1].update(data=str(train.images), strategy=settings.strategy)
+    model.to(settings.device)
+    incremental(model, settings.strategy, keep=settings.keep, ignore=settings.ignore, merge_iou=settings.merge_iou)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    warm, total = settings.warmup, settings.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+    )
+    step = 0
+    if resume:
+        step = _load_last(out, model, optimizer, scheduler)
+        log.info("resuming at step %d of %d", step, total)
+
+    losses = _train(model, data, settings, optimizer, scheduler, step, out)
+    model.eval()
+    save_checkpoint(model, out)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "extend.json").write_text(
+        json.dumps({"seconds": round(seconds, 1), "peak_rss_mb": round(peak), "final_losses": losses}, indent=1)
+    )
+    log.info("trained in %.0f s (peak memory %.0f MB); checkpoint in %s", seconds, peak, out)
+    if val is not None:
+        _evaluate(model, val, out, settings.device)
+    return model
+
+
+def _replay_labels(replay: Dataset, card) -> dict[int, int]:
+    known = {n.lower(): i for i, n in enumerate(card.classes) if i > 0 and n != "N/A"}
+    unknown = [c["name"] for c in replay.coco["categories"] if c["name"].lower() not in known]
+    if unknown:
+        log.warning("replay categories the model does not have (left out): %s", ", ".join(unknown))
+    return {c["id"]: known[c["name"].lower()] for c in replay.coco["categories"] if c["name"].lower() in known}
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step (Ctrl-C again to interrupt at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _train(model, data, settings, optimizer, scheduler, step, out) -> dict[str, float]:
+    model.train()
+    parts: dict[str, float] = {}
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"),
+    )
+    tick = time.perf_counter()
+    with Progress(*columns, transient=False) as bar, _StopRequest() as stop:
+        task = bar.add_task(settings.strategy, total=settings.steps, completed=step, losses="", rate="")
+        while step < settings.steps:
+            images, targets = data.batch(step, settings.batch_size, settings.seed, settings.hflip)
+            images = [im.to(settings.device) for im in images]
+            targets = [{k: v.to(settings.device) for k, v in t.items()} for t in targets]
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            parts = {k: float(v.detach()) for k, v in loss_dict.items()}
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(
+                    f"the loss is {float(loss)} at step {step} ({_fmt(parts)}): training stopped. The last good "
+                    f"checkpoint is {out / LAST}; lower --lr (now {settings.lr}) and start again, or --resume"
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            now = time.perf_counter()
+            bar.update(task, completed=step, losses=_fmt(parts), rate=f"{1 / max(now - tick, 1e-9):.1f} it/s")
+            tick = now
+            if step % 50 == 0:
+                log.info("step %d/%d %s", step, settings.steps, _fmt(parts))
+            if step % settings.checkpoint_every == 0 or step == settings.steps or stop.requested:
+                _save_last(out, model, optimizer, scheduler, step)
+            if stop.requested and step < settings.steps:
+                raise KeyboardInterrupt(f"stopped at step {step}; continue with --resume (checkpoint {out / LAST})")
+    return parts
+
+
+def _fmt(parts: dict[str, float]) -> str:
+    return " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in parts.items())
+
+
+def _save_last(out: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
+    """Writes ``out/last`` (checkpoint + optimizer, scheduler, RNG and step) as a whole: into a
+    temporary folder first, then swapped in by renames."""
+    was_training = model.training
+    tmp, old = out / f".{LAST}.tmp", out / f".{LAST}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tmp)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    torch.save(state, tmp / STATE)
+    if (out / LAST).exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out / LAST, old)
+    os.replace(tmp, out / LAST)
+    shutil.rmtree(old, ignore_errors=True)
+    model.train(was_training)
+
+
+def _check_resume(out: Path, saved: dict) -> None:
+    path = out / "settings.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume in {str(out)!r}: it has no settings.json")
+    before = json.loads(path.read_text())
+    changed = [
+        k
+        for k in set(before["settings"]) | set(saved["settings"])
+        if k != "steps" and before["settings"].get(k) != saved["settings"].get(k)
+    ]
+    changed += [k for k in ("train", "mapping", "replay") if before.get(k) != saved.get(k)]
+    if changed:
+        raise ValueError(
+            f"--resume needs the settings of the run in {str(out)!r}; these differ: {', '.join(sorted(changed))} "
+            "(only --steps may change)"
+        )
+
+
+def _load_last(out: Path, model: nn.Module, optimizer, scheduler) -> int:
+    folder = out / LAST if (out / LAST).exists() else out / f".{LAST}.old"
+    if not (folder / STATE).is_file():
+        raise FileNotFoundError(f"nothing to resume: {str(out / LAST)!r} holds no checkpoint")
+    from .checkpoint import _sha256
+
+    meta = json.loads((folder / "detgraft.json").read_text())
+    if _sha256(folder / "model.safetensors") != meta["weights_sha256"]:
+        raise ValueError(f"{str(folder)!r} is damaged (weights do not match detgraft.json)")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    state = torch.load(folder / STATE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str) -> None:
+    from .evaluate import detect, evaluate
+    from .report import write_report
+
+    detections = detect(model, val, device=device)
+    result = evaluate(model, val, detections=detections)
+    (out / "eval.json").write_text(json.dumps(result.to_json(), indent=1))
+    for group, v in result.groups.items():
+        log.info("val %s classes: AP %.3f, AP50 %.3f", group, v["ap"], v["ap50"])
+    write_report(out / "report.html", f"detgraft extend: {out}", result, val, detections, get_card(model).classes)
