@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import detgraft
+from conftest import TINY_BUILDER
 from detgraft.incremental import freeze_batchnorm, incremental
 from tiny_model import build, images
 
@@ -22,15 +23,18 @@ def widened():
     return detgraft.expand_predictor(model, ["chicken", "frog"])
 
 
-def train(model, steps=3, weight_decay=1e-2):
+TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+
+
+def train(model, steps=3, weight_decay=1e-2, losses=TORCHVISION_LOSSES):
     """A plain torchvision training loop."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=weight_decay)
     model.train()
     for _ in range(steps):
-        losses = model(images(), TARGETS)
-        assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
-        loss = sum(losses.values())
+        loss_dict = model(images(), TARGETS)
+        assert set(loss_dict) == losses
+        loss = sum(loss_dict.values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -137,3 +141,92 @@ def test_a_deep_copy_of_a_head_model_guards_its_own_rows():
     assert torch.equal(clone.state_dict()[name][:6], reference[name][:6])
     assert not torch.equal(clone.state_dict()[name][6:], reference[name][6:])
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())  # the original untouched
+
+
+DISTILL_LOSSES = TORCHVISION_LOSSES | {"loss_distill_rpn", "loss_distill_cls", "loss_distill_box"}
+
+
+def test_distill_adds_its_terms_which_start_at_zero_and_keep_the_teacher_fixed():
+    model = incremental(widened(), "distill", keep=0.5, ignore=0.2)
+    teacher = model.detgraft_teacher
+    snapshot = copy.deepcopy(teacher.state_dict())
+    model.train()
+    torch.manual_seed(0)
+    first = model(images(), TARGETS)
+    assert set(first) == DISTILL_LOSSES
+    # the student is the teacher before training: nothing to distill yet (preserve init: the new
+    # classes take ~0 probability, which the background-shift KL adds to the background)
+    for name in ("loss_distill_rpn", "loss_distill_box"):
+        assert first[name].item() == 0.0, name
+    assert abs(first["loss_distill_cls"].item()) < 1e-5
+    train(model, steps=3, losses=DISTILL_LOSSES)
+    model.train()
+    after = model(images(), TARGETS)
+    assert after["loss_distill_cls"].item() > 1e-4 and after["loss_distill_box"].item() > 0
+    assert after["loss_distill_cls"].requires_grad
+    assert all(torch.equal(v, snapshot[k]) for k, v in teacher.state_dict().items())
+
+
+def test_background_shift_kl_counts_new_classes_as_background():
+    from detgraft.distill import _cls_loss
+
+    teacher = torch.tensor([[2.0, 0.0, 0.0]])  # background, two old classes
+    # the student moved the teacher's background mass onto a new class (label 3): no penalty
+    student = torch.tensor([[-30.0, 0.0, 0.0, 2.0]])
+    assert _cls_loss(student, teacher, first_new=3).item() < 1e-6
+    # but moving it onto an old class is penalized
+    assert _cls_loss(torch.tensor([[-30.0, 2.0, 0.0, -30.0]]), teacher, first_new=3).item() > 0.5
+
+
+def base_detections_only(detections, first_new):
+    return [{k: v[d["labels"] < first_new] for k, v in d.items()} for d in detections]
+
+
+def test_branch_keeps_the_base_bit_identical_and_trains_only_the_branch():
+    before = build()(images())  # the base before widening: what the branch keeps, bit for bit
+    model = incremental(widened(), "branch", merge_iou=None)
+    reference = copy.deepcopy(model.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("roi_heads.branches.0.") for n in trainable)
+    train(model, losses={"loss_classifier", "loss_box_reg"})
+    for name, value in model.state_dict().items():
+        if name.startswith("roi_heads.branches.0."):
+            continue
+        assert torch.equal(value, reference[name]), name
+    assert any(not torch.equal(model.state_dict()[n], reference[n]) for n in trainable)
+    after = model(images())
+    assert any(len(d["labels"]) for d in before)
+    for b, a in zip(base_detections_only(before, 6), base_detections_only(after, 6)):
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(a[key], b[key]), key  # bit for bit
+    assert all(set(d["labels"].tolist()) <= set(range(1, 8)) for d in after)
+
+
+def test_branch_merge_lets_the_stronger_claim_win():
+    from detgraft.branch import _merge
+
+    old = (torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), torch.tensor([0.6, 0.9]), torch.tensor([2, 3]))
+    new = (torch.tensor([[0.0, 0, 10, 11], [50, 50, 60, 61]]), torch.tensor([0.8, 0.3]), torch.tensor([6, 6]))
+    boxes, scores, labels = _merge([old, new], 0.5)
+    # the old 2 under a stronger new 6 keeps 0.6 * (1 - 0.8); the new 6 under a stronger old 3 keeps 0.3 * 0.1
+    assert labels.tolist() == [3, 6, 2, 6]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.6 * 0.2, 0.3 * 0.1]))
+    _, scores, labels = _merge([old, new], None)
+    assert labels.tolist() == [3, 6, 2, 6] and scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.3])
+
+
+def test_branch_checkpoint_round_trip_and_a_second_extension(tmp_path):
+    model = incremental(widened(), "branch")
+    train(model, losses={"loss_classifier", "loss_box_reg"})
+    file, function = TINY_BUILDER.rsplit(":", 1)
+    model.detgraft_card.builder = {"kind": "python", "file": file, "function": function, "kwargs": {}}
+    detgraft.save_checkpoint(model, tmp_path / "one")
+    loaded = detgraft.load_checkpoint(tmp_path / "one")
+    for a, b in zip(model(images()), loaded(images())):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "labels", "scores"))
+    first_branch = copy.deepcopy(loaded.roi_heads.branches[0].state_dict())
+    detgraft.expand_predictor(loaded, ["duck"])
+    incremental(loaded, "branch")
+    assert len(loaded.roi_heads.branches) == 2 and loaded.roi_heads.branches[1].first_label == 8
+    train(loaded, losses={"loss_classifier", "loss_box_reg"})
+    assert all(torch.equal(v, first_branch[k]) for k, v in loaded.roi_heads.branches[0].state_dict().items())

@@ -5,6 +5,7 @@
     detgraft eval MODEL --data test.json --images DIR [--compare BASE] [--out DIR]
     detgraft drift MODEL --base BASE --images DIR
     detgraft extend --base MODEL --train new.json --images DIR [--val val.json] --out DIR
+    detgraft demo [--out runs/demo] [--quick]
 
 MODEL is what ``detgraft.load_model`` accepts: a checkpoint folder, a torchvision builder name with
 ``--weights DEFAULT|COCO_V1|FILE``, ``file.py:function`` with ``--weights FILE``, or a pickled model
@@ -98,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _settings_flags(ex)
     ex.set_defaults(run=_extend)
+
+    demo = sub.add_parser("demo", help="the whole story offline, on shapes it draws (a few minutes on 2 cores)")
+    demo.add_argument("--out", default="runs/demo", help="folder for the data, models and reports")
+    demo.add_argument("--cache", help="where the demo's base detector is kept (default ~/.cache/detgraft/demo)")
+    demo.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -117,6 +124,13 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, type=types[f.type], default=default, help=f"{f.metadata['help']} (default {default})"
             )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, cache=args.cache, quick=args.quick)
+    return 0
 
 
 def _float_or_none(text: str) -> float | None:

@@ -15,6 +15,8 @@ transformed images and the same sampled proposals, and three terms join torchvis
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,6 +46,8 @@ def add_distillation(model: nn.Module, teacher: nn.Module, first_new: int, weigh
         seen.clear()
         with torch.no_grad():
             features = teacher.backbone(x)
+            if isinstance(features, Tensor):  # a single-map backbone, as GeneralizedRCNN wraps it
+                features = OrderedDict([("0", features)])
             t_obj, t_box = teacher.rpn.head(list(features.values()))
             t_heads = teacher.roi_heads
             pooled = t_heads.box_roi_pool(features, proposals, image_shapes)

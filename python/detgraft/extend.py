@@ -181,6 +181,11 @@ def _extend(model, train, settings, out, val, replay, resume):
     torch.manual_seed(settings.seed)
     names = new_class_names(train, model)
     card = get_card(model)
+    if card.builder is None:  # found out now, not after training, when the checkpoint is written
+        raise ValueError(
+            "extend writes a checkpoint, and detgraft does not know which builder makes this model: load it with "
+            "detgraft.load_model, or set detgraft.get_card(model).builder = detgraft.loading.torchvision_builder(name)"
+        )
     first = card.num_classes
     mapping = {c["name"]: first + names.index(c["name"]) for c in train.coco["categories"]}
     log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))
@@ -286,9 +291,9 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> dict[str, 
             loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
             parts = {k: float(v.detach()) for k, v in loss_dict.items()}
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(
-                    f"the loss is {float(loss)} at step {step} ({_fmt(parts)}): training stopped. The last good "
+                    f"the loss is {float(loss.detach())} at step {step} ({_fmt(parts)}): training stopped. The last good "
                     f"checkpoint is {out / LAST}; lower --lr (now {settings.lr}) and start again, or --resume"
                 )
             optimizer.zero_grad()

@@ -78,8 +78,11 @@ def incremental(
     card = get_card(model)
     if not card.new_labels:
         raise ValueError("the model has no new classes: call detgraft.expand_predictor(model, names) first")
-    frozen = freeze_batchnorm(model)
-    log.info("froze %d BatchNorm layers", frozen)
+    if strategy == "branch":
+        # the base must compute exactly as before: BatchNorm layers stay themselves, in eval mode
+        model.register_forward_pre_hook(_batchnorm_in_eval_mode)
+    else:
+        log.info("froze %d BatchNorm layers", freeze_batchnorm(model))
     new_labels = card.history[-1]["labels"]
     if strategy == "head":
         _train_new_rows_only(model, min(new_labels))
@@ -125,6 +128,12 @@ def _train_new_rows_only(model: nn.Module, first_new: int) -> None:
 
     model.register_forward_pre_hook(lambda module, args: restore(module.roi_heads.box_predictor))
     predictor.register_state_dict_pre_hook(lambda module, prefix, keep_vars: restore(module))
+
+
+def _batchnorm_in_eval_mode(module: nn.Module, args) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            m.eval()
 
 
 def _drop_rpn_losses(module: nn.Module, args, output):

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import detgraft
+from detgraft.cli import main
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_torchvision_tutorial_loop_runs_and_saves_an_extended_model(tmp_path):
+    out = tmp_path / "loop"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "torchvision_loop.py"), "--epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "epoch 0: loss_classifier=" in run.stdout
+    model = detgraft.load_model(out)
+    assert detgraft.get_card(model).classes[-2:] == ["star", "cross"]
+    assert len(model.roi_heads.branches) == 1
+
+
+def test_quickstart_runs(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out", str(tmp_path / "q")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_demo_quick_prints_both_strategies_and_writes_reports(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache")]) == 0
+    table = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert set(table) == {"base", "branch", "naive"}
+    assert {"old", "new"} <= set(table["naive"])
+    for strategy in ("branch", "naive"):
+        assert (tmp_path / "demo" / strategy / "report.html").is_file()
+    assert "new-class AP" in capsys.readouterr().out

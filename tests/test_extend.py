@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import fields
+
+import pytest
+import safetensors.torch
+import torch
+from torchvision.io import write_png
+
+import detgraft
+from conftest import TINY_BUILDER
+from detgraft.cli import _parser, main
+from detgraft.evaluate import load_dataset
+from detgraft.extend import ExtendSettings, extend
+from tiny_model import build, images
+
+
+def write_coco(tmp_path, name, categories, boxes_per_image, count=6):
+    """``count`` noise images (64 px) with one box of each listed category, in a COCO json."""
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 100 + i, "name": n} for i, n in enumerate(categories)]}
+    for i, image in enumerate(images(count, seed=7)):
+        file = f"{name}_{i}.png"
+        write_png((image * 255).byte(), str(folder / file))
+        coco["images"].append({"id": i + 1, "file_name": file, "width": 64, "height": 64})
+        for k, (cat, box) in enumerate(zip(coco["categories"], boxes_per_image)):
+            coco["annotations"].append(
+                {"id": 10 * i + k + 1, "image_id": i + 1, "category_id": cat["id"], "bbox": box, "area": 1, "iscrowd": 0}
+            )
+    (tmp_path / f"{name}.json").write_text(json.dumps(coco))
+    return load_dataset(tmp_path / f"{name}.json", folder)
+
+
+@pytest.fixture
+def train(tmp_path):
+    return write_coco(tmp_path, "train", ["chicken", "frog"], [[4, 4, 30, 30], [30, 20, 30, 40]])
+
+
+def base_model():
+    file, function = TINY_BUILDER.rsplit(":", 1)
+    model = build()
+    detgraft.get_card(model).builder = {"kind": "python", "file": file, "function": function, "kwargs": {}}
+    return model
+
+
+def settings(**kw):
+    return ExtendSettings(**({"strategy": "naive", "steps": 4, "batch_size": 2, "lr": 0.01, "warmup": 2} | kw))
+
+
+def test_seeded_runs_repeat_exactly(train, tmp_path):
+    a = extend(base_model(), train, settings(strategy="pseudo", keep=0.3, ignore=0.1), out=tmp_path / "a")
+    b = extend(base_model(), train, settings(strategy="pseudo", keep=0.3, ignore=0.1), out=tmp_path / "b")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(v, sb[k]) for k, v in sa.items())
+    assert not torch.equal(sa["roi_heads.box_head.fc6.weight"], build().state_dict()["roi_heads.box_head.fc6.weight"])
+    assert json.loads((tmp_path / "a" / "mapping.json").read_text()) == {"chicken": 6, "frog": 7}
+
+
+@pytest.mark.parametrize("strategy", ["naive", "branch"])
+def test_ctrl_c_leaves_a_usable_checkpoint_and_resume_continues_exactly(train, tmp_path, strategy):
+    whole = extend(base_model(), train, settings(strategy=strategy), out=tmp_path / "whole")
+
+    model = base_model()
+    calls = []
+
+    def press_ctrl_c(module, args):
+        if module.training:
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives during step 2 (index 1)
+
+    hook = model.register_forward_pre_hook(press_ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
+        extend(model, train, settings(strategy=strategy), out=tmp_path / "cut")
+    hook.remove()
+    last = detgraft.load_checkpoint(tmp_path / "cut" / "last")  # usable as it is
+    assert detgraft.get_card(last).classes[6:] == ["chicken", "frog"]
+    assert torch.load(tmp_path / "cut" / "last" / "train_state.pt", weights_only=True)["step"] == 2
+
+    resumed = extend(base_model(), train, settings(strategy=strategy), out=tmp_path / "cut", resume=True)
+    expected = whole.state_dict()
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_resume_refuses_other_settings(train, tmp_path):
+    extend(base_model(), train, settings(steps=2), out=tmp_path / "run")
+    with pytest.raises(ValueError, match="these differ: lr"):
+        extend(base_model(), train, settings(steps=4, lr=0.5), out=tmp_path / "run", resume=True)
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message(train, tmp_path):
+    model = base_model()
+    model.register_forward_hook(
+        lambda m, a, out: {k: v * float("nan") for k, v in out.items()} if isinstance(out, dict) else None
+    )
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 .* lower --lr"):
+        extend(model, train, settings(), out=tmp_path / "nan")
+
+
+def test_training_categories_must_be_new(tmp_path):
+    data = write_coco(tmp_path, "clash", ["chicken", "class_2"], [[4, 4, 30, 30], [30, 20, 30, 40]])
+    with pytest.raises(ValueError, match=r"already has 'class_2' \(label 2\)"):
+        extend(base_model(), data, settings(), out=tmp_path / "x")
+
+
+def test_every_setting_is_a_flag_with_the_same_default():
+    parser = _parser()
+    args = parser.parse_args(["extend", "--base", "m", "--train", "t", "--images", "i", "--out", "o"])
+    for f in fields(ExtendSettings):
+        assert getattr(args, f.name) == f.default, f.name
+    args = parser.parse_args(
+        ["extend", "--base", "m", "--train", "t", "--images", "i", "--out", "o", "--merge-iou", "none", "--no-hflip"]
+    )
+    assert args.merge_iou is None and args.hflip is False
+
+
+def test_extend_command_writes_checkpoint_settings_log_and_evaluation(train, tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    safetensors.torch.save_file(build().state_dict(), str(weights))
+    write_coco(tmp_path, "val", ["class_1", "chicken"], [[2, 2, 20, 20], [4, 4, 30, 30]], count=3)
+    out = tmp_path / "out"
+    argv = ["extend", "--base", TINY_BUILDER, "--weights", str(weights), "--train", str(tmp_path / "train.json"),
+            "--images", str(tmp_path / "images"), "--val", str(tmp_path / "val.json"), "--out", str(out),
+            "--steps", "2", "--batch-size", "2", "--lr", "0.01"]  # fmt: skip
+    assert main(argv) == 0
+    for name in ("model.safetensors", "detgraft.json", "settings.json", "mapping.json", "extend.log", "extend.json",
+                 "eval.json", "report.html"):  # fmt: skip
+        assert (out / name).is_file(), name
+    model = detgraft.load_model(out)
+    assert detgraft.get_card(model).classes[6:] == ["chicken", "frog"]
+    assert detgraft.get_card(model).history[-1]["strategy"] == "branch"
+    assert json.loads((out / "settings.json").read_text())["settings"]["steps"] == 2
+    assert {c["name"] for c in json.loads((out / "eval.json").read_text())["classes"]} == {"class_1", "chicken"}
+    assert main(argv[:-6] + ["--strategy", "everything"]) == 2  # a clear error, not a traceback
