@@ -40,3 +40,15 @@ def test_demo_quick_prints_both_strategies_and_writes_reports(tmp_path, capsys):
     for strategy in ("branch", "naive"):
         assert (tmp_path / "demo" / strategy / "report.html").is_file()
     assert "new-class AP" in capsys.readouterr().out
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("DETGRAFT_QUICK", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # the quick base is cached under ~/.cache
+    notebook = nbformat.read(ROOT / "examples" / "add_classes.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3").execute()  # raises on any error
+    outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert "same detections after widening" in outputs and "extended {" in outputs

@@ -13,16 +13,19 @@ import torch  # noqa: F401  (libtorch must be loaded before the Rust extension)
 from . import _core  # noqa: F401
 from .card import ModelCard, get_card
 from .checkpoint import load_checkpoint, save_checkpoint
+from .extend import ExtendSettings, extend
 from .incremental import freeze_batchnorm, incremental
 from .loading import load_model
 from .surgery import INITS, box_features, expand_predictor, expand_state_dict
 
 __all__ = [
     "INITS",
+    "ExtendSettings",
     "ModelCard",
     "box_features",
     "expand_predictor",
     "expand_state_dict",
+    "extend",
     "freeze_batchnorm",
     "get_card",
     "incremental",

@@ -2,16 +2,20 @@
 
 ``incremental(model, strategy)`` prepares the model in place and returns it; ``model(images,
 targets)`` still returns torchvision's loss dict and eval mode still returns its detections.
-Strategies implemented so far (the issue lists more):
+Strategies (README, "Strategies", has the measured comparison):
 
 - ``naive``: every trainable parameter learns from the new labels (the forum recipe; it forgets).
-- ``pseudo``: as ``naive``, plus a frozen ``teacher`` (the model before training) labels the old
-  classes' objects in the new images; uncertain teacher boxes are left out of the loss.
 - ``head``: only the new classes' rows of ``cls_score`` / ``bbox_pred`` learn; everything else stays
   bit-identical, whatever the optimizer does (momentum, weight decay), and the softmax over all
   classes arbitrates between old and new.
+- ``pseudo``: as ``naive``, plus a frozen ``teacher`` (the model before training) labels the old
+  classes' objects in the new images; uncertain teacher boxes are left out of the loss.
+- ``distill``: ``pseudo`` plus distillation of the teacher's responses (``detgraft.distill``).
+- ``branch`` (default): the base stays frozen and bit-identical; a new box branch learns the new
+  classes and detections are merged (``detgraft.branch``).
 
-Both freeze BatchNorm statistics first (``freeze_batchnorm``): live BatchNorm drifts on new data.
+All but ``branch`` freeze BatchNorm statistics first (``freeze_batchnorm``): live BatchNorm drifts
+on new data. ``branch`` keeps the base's BatchNorm layers as they are, in eval mode.
 """
 
 from __future__ import annotations
