@@ -99,7 +99,7 @@ def oracle_run(args) -> None:
     """(in a child process) the widened base fine-tuned with every label: base_train + new_train_full."""
     import resource
 
-    from detgraft.extend import ExtendSettings, TrainingSet, _train
+    from detgraft.extend import ExtendSettings, TrainingSet, _train, optimizer_and_schedule
 
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -114,14 +114,7 @@ def oracle_run(args) -> None:
         part = TrainingSet(d, {c["id"]: names[c["name"]] for c in d.coco["categories"] if c["name"] in names})
         data = part if data is None else data + part
     settings = ExtendSettings(strategy="naive", steps=args.steps, lr=args.oracle_lr)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    import math
-
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / settings.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)),
-    )
+    opt, sched = optimizer_and_schedule(model, settings)
     out = Path(args.oracle_run)
     out.mkdir(parents=True, exist_ok=True)
     _train(model, data, settings, opt, sched, 0, out)
@@ -231,12 +224,17 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-bench"))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--from-results", action="store_true", help="only write RESULTS.md's section from results.json of a full run"
+    )
     parser.add_argument("--oracle-run", help=argparse.SUPPRESS)
     parser.add_argument("--oracle-lr", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.bench, args.data = args.bench.resolve(), args.data.resolve()
     if args.oracle_run:
         return oracle_run(args)
+    if args.from_results:
+        return write_section("incremental", table(json.loads((HERE / "results.json").read_text()), args))
     if not (args.data / "test.json").is_file():
         subprocess.run(
             [
@@ -336,7 +334,7 @@ def main() -> None:
     )
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     if not args.no_write:
-        write_section(HERE / "RESULTS.md", "incremental", table(results, args))
+        write_section("incremental", table(results, args))
     print(table(results, args))
 
 

@@ -26,7 +26,7 @@ from . import demo_model
 from .card import BACKGROUND
 from .checkpoint import save_checkpoint
 from .evaluate import detect, evaluate, load_dataset
-from .extend import ExtendSettings, TrainingSet, _train, extend
+from .extend import ExtendSettings, TrainingSet, _train, extend, optimizer_and_schedule
 from .loading import load_model
 
 __all__ = ["DemoSize", "make_shapes", "run_demo"]
@@ -158,12 +158,7 @@ def _base(out: Path, cache: Path, size: DemoSize, quick: bool) -> Path:
                                   "kwargs": {}}, source="detgraft demo (shapes)")  # fmt: skip
     data = load_dataset(out / "base_train.json", out / "images")
     settings = ExtendSettings(strategy="naive", steps=size.base_steps, lr=0.02, warmup=50)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=1e-4)
-    total = settings.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    optimizer, scheduler = optimizer_and_schedule(model, settings)
     _train(
         model,
         TrainingSet(data, {i + 1: i + 1 for i in range(len(BASE_SHAPES))}),

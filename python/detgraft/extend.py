@@ -213,17 +213,11 @@ def _extend(model, train, settings, out, val, replay, resume):
     get_card(model).history[-1].update(data=str(train.images), strategy=settings.strategy)
     model.to(settings.device)
     incremental(model, settings.strategy, keep=settings.keep, ignore=settings.ignore, merge_iou=settings.merge_iou)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    warm, total = settings.warmup, settings.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
-    )
+    optimizer, scheduler = optimizer_and_schedule(model, settings)
     step = 0
     if resume:
         step = _load_last(out, model, optimizer, scheduler)
-        log.info("resuming at step %d of %d", step, total)
+        log.info("resuming at step %d of %d", step, settings.steps)
 
     losses = _train(model, data, settings, optimizer, scheduler, step, out)
     model.eval()
@@ -237,6 +231,18 @@ def _extend(model, train, settings, out, val, replay, resume):
     if val is not None:
         _evaluate(model, val, out, settings.device)
     return model
+
+
+def optimizer_and_schedule(model: nn.Module, settings: ExtendSettings):
+    """SGD over the parameters that require grad; linear warm-up, then cosine decay to 0 at ``steps``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    warm, total = settings.warmup, settings.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+    )
+    return optimizer, scheduler
 
 
 def _replay_labels(replay: Dataset, card) -> dict[int, int]:
@@ -291,9 +297,10 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> dict[str, 
             loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
             parts = {k: float(v.detach()) for k, v in loss_dict.items()}
-            if not math.isfinite(float(loss.detach())):
+            value = float(loss.detach())
+            if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"the loss is {float(loss.detach())} at step {step} ({_fmt(parts)}): training stopped. The last good "
+                    f"the loss is {value} at step {step} ({_fmt(parts)}): training stopped. The last good "
                     f"checkpoint is {out / LAST}; lower --lr (now {settings.lr}) and start again, or --resume"
                 )
             optimizer.zero_grad()
