@@ -49,12 +49,12 @@ def collate_fn(batch):
 
 
 def demo_inputs(folder: Path) -> tuple[str, Path, Path]:
-    from detgraft.demo import DemoSize, _base, make_shapes
+    from detgraft.demo import DemoSize, demo_base, make_shapes
     from detgraft.demo_model import BASE_SHAPES
 
     make_shapes(folder, "base_train", 24, BASE_SHAPES, BASE_SHAPES, seed=1)
     make_shapes(folder, "new_train", 16, BASE_SHAPES + ("star", "cross"), ("star", "cross"), seed=2)
-    base = _base(folder, folder / "cache", DemoSize.quick(), quick=True)
+    base = demo_base(folder, folder / "cache", DemoSize.quick())
     return str(base), folder / "new_train.json", folder / "images"
 
 

@@ -142,7 +142,26 @@ def test_drift_of_a_model_against_itself_is_perfect(tmp_path):
     other = tiny_with_names()
     with torch.no_grad():
         other.roi_heads.box_predictor.cls_score.weight.mul_(-1)
-    assert drift(other, model, Dataset.from_folder(data.images), score=0.2).ap < 1.0
+    moved = drift(other, model, Dataset.from_folder(data.images), score=0.2)
+    assert moved.ap < 1.0 and moved.kept < 1.0
+
+
+def test_drift_kept_needs_same_class_overlap_and_score(tmp_path):
+    base = tiny_with_names()
+    data = Dataset.from_folder(dataset(tmp_path, [], [], n_images=1).images)
+    a, b, c, d, e = [0.0, 0, 10, 10], [20.0, 0, 30, 10], [40.0, 0, 50, 10], [0.0, 30, 10, 40], [40.0, 30, 50, 40]
+    reference = {1: {"boxes": torch.tensor([a, b, c, d, e]), "labels": torch.tensor([1, 1, 1, 1, 1]),
+                     "scores": torch.tensor([0.9, 0.9, 0.9, 0.9, 0.6])}}  # fmt: skip
+    model = {  # a kept; b too weak; c another class; d shifted off (IoU < 0.5); e not a reference (0.6)
+        1: {
+            "boxes": torch.tensor([a, b, c, [6.0, 36, 16, 46], e]),
+            "labels": torch.tensor([1, 1, 2, 1, 1]),
+            "scores": torch.tensor([0.9, 0.5, 0.9, 0.9, 0.9]),
+        }
+    }
+    result = drift(base, base, data, score=0.7, detections=model, base_detections=reference)
+    assert result.reference == 4
+    assert result.kept == pytest.approx(1 / 4)
 
 
 def test_eval_command_writes_json_and_a_report_a_browser_renders(tmp_path):

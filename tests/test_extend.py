@@ -147,4 +147,7 @@ def test_extend_command_writes_checkpoint_settings_log_and_evaluation(train, tmp
     assert detgraft.get_card(model).history[-1]["strategy"] == "branch"
     assert json.loads((out / "settings.json").read_text())["settings"]["steps"] == 2
     assert {c["name"] for c in json.loads((out / "eval.json").read_text())["classes"]} == {"class_1", "chicken"}
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["base"]["groups"]["old"] and evaluation["comparison"]["old_classes"][0]["name"] == "class_1"
+    assert "<figcaption>base</figcaption>" in (out / "report.html").read_text()  # before/after pictures
     assert main(argv[:-6] + ["--strategy", "everything"]) == 2  # a clear error, not a traceback

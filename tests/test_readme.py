@@ -3,13 +3,18 @@ its Python blocks compile, and its first two commands are the ones ``.ci/run`` a
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
-from detgraft.cli import _parser
+import detgraft
+from detgraft.cli import _parser, main
+from detgraft.loading import weights_cache_path
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -43,6 +48,77 @@ def test_readme_names_the_commands_it_should():
 @pytest.mark.parametrize("index", [i for i, (lang, _) in enumerate(BLOCKS) if lang == "python"])
 def test_readme_python_blocks_compile(index):
     compile(BLOCKS[index][1], f"README block {index}", "exec")
+
+
+def _coco_file(path: Path, folder: Path, names: list[str], count: int) -> Path:
+    from torchvision.io import write_png
+
+    from tiny_model import images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+    for i, image in enumerate(images(count), start=1):
+        write_png((image * 255).byte(), str(folder / f"{path.stem}_{i}.png"))
+        coco["images"].append({"id": i, "file_name": f"{path.stem}_{i}.png", "width": 64, "height": 64})
+        for k in range(len(names)):
+            x = 4 + 28 * k
+            box = [x, 8, 24, 24]
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": i,
+                    "category_id": k + 1,
+                    "bbox": box,
+                    "area": 576,
+                    "iscrowd": 0,
+                }  # fmt: skip
+            )
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_readme_model_commands_run(tmp_path, monkeypatch):
+    """Runs the README's extend/eval/predict/inspect/drift lines as written for fasterrcnn_resnet50_fpn with
+    COCO_V1 weights from torch's cache (a stand-in file with random weights at the cached name, so that
+    the offline path of the README is what runs), placeholders filled and a 2-step budget added."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    coco = torchvision.models.get_model("fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None)
+    with torch.no_grad():  # every proposal a confident 'person', so the base has detections to keep
+        coco.roi_heads.box_predictor.cls_score.bias[1] = 10.0
+    cached = weights_cache_path(torchvision.models.get_model_weights("fasterrcnn_resnet50_fpn").COCO_V1)
+    cached.parent.mkdir(parents=True)
+    torch.save(coco.state_dict(), cached)
+    base = tmp_path / "base"
+    detgraft.save_checkpoint(detgraft.load_model("fasterrcnn_resnet50_fpn", "COCO_V1"), base)
+    images = tmp_path / "images"
+    fill = {
+        "new.json": _coco_file(tmp_path / "new.json", images, ["chicken", "frog"], 1),
+        "val.json": _coco_file(tmp_path / "val.json", images, ["person", "chicken", "frog"], 1),
+        "test.json": _coco_file(tmp_path / "test.json", images, ["person", "chicken", "frog"], 1),
+        "DIR": images,
+        "photos/": images,
+        "IMAGE_OR_DIR": images,
+        "MODEL": "runs/chicken-frog",  # what the README's extend line wrote
+        "BASE": base,
+    }
+    ran = []
+    for command in detgraft_commands():
+        words = shlex.split(command)[1:]
+        if words[0] == "demo":
+            continue  # run by tests/test_examples.py (--quick)
+        for i, word in enumerate(words):
+            if i and words[i - 1] == "--out" and word == "DIR":
+                words[i] = str(tmp_path / "out" / f"{len(ran)}-{words[0]}")
+            elif word in fill:
+                words[i] = str(fill[word])
+        if words[0] == "extend":
+            words += ["--steps", "2", "--batch-size", "1", "--warmup", "1", "--checkpoint-every", "1"]
+        assert main(words) == 0, command
+        ran.append(words[0])
+    assert {"extend", "eval", "predict", "inspect", "drift"} <= set(ran)
+    assert (tmp_path / "runs" / "chicken-frog" / "detgraft.json").is_file()
 
 
 def test_ci_runs_the_readme_test_command():

@@ -82,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--base-weights", help="--weights of the base")
     dr.add_argument("--base-classes", help="--classes of the base")
     dr.add_argument("--images", required=True, help="a folder of your images")
-    dr.add_argument("--score", type=float, default=0.5, help="base detections at or above this are the reference")
+    dr.add_argument(
+        "--score",
+        type=float,
+        default=0.7,
+        help="base detections at or above this are the reference, and the model's must reach it to count as kept",
+    )
     dr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     dr.set_defaults(run=_drift)
 
@@ -332,9 +337,9 @@ def _drift(args: argparse.Namespace) -> int:
     base = load_model(args.base, args.base_weights, args.base_classes, trust_pickle=args.trust_pickle)
     d = drift(model, base, data, score=args.score, device=args.device)
     Console().print(
-        f"old classes against the base's {d.reference} confident detections (score >= {args.score}) "
-        f"on {len(data.coco['images'])} images: AP {d.ap:.3f}, AP50 {d.ap50:.3f}, "
-        f"{d.kept:.1%} of them still detected"
+        f"kept {d.kept:.1%} of the base's {d.reference} old-class detections with score >= {args.score} on "
+        f"{len(data.coco['images'])} images (same class, IoU >= 0.5, score >= {args.score}); "
+        f"AP against them {d.ap:.3f}, AP50 {d.ap50:.3f}"
     )
     return 0
 

@@ -29,7 +29,7 @@ from .evaluate import detect, evaluate, load_dataset
 from .extend import ExtendSettings, TrainingSet, _train, extend, optimizer_and_schedule
 from .loading import load_model
 
-__all__ = ["DemoSize", "make_shapes", "run_demo"]
+__all__ = ["DemoSize", "demo_base", "make_shapes", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ SIZE = demo_model.SIZE
 
 @dataclass
 class DemoSize:
-    base_images: int = 600
-    new_images: int = 200
-    val_images: int = 150
-    base_steps: int = 350
-    extend_steps: int = 150
+    base_images: int = 1000
+    new_images: int = 300
+    val_images: int = 200
+    base_steps: int = 900
+    extend_steps: int = 300
 
     @classmethod
     def quick(cls) -> DemoSize:
@@ -141,9 +141,9 @@ def make_shapes(
     return path
 
 
-def _base(out: Path, cache: Path, size: DemoSize, quick: bool) -> Path:
+def demo_base(out: Path, cache: Path, size: DemoSize) -> Path:
     """Trains the demo base (or reuses the cached one); returns its checkpoint folder."""
-    folder = cache / ("base-quick" if quick else "base")
+    folder = cache / f"base-{size.base_images}-{size.base_steps}"
     if (folder / "detgraft.json").is_file():
         log.info("using the cached demo base in %s", folder)
         return folder
@@ -183,7 +183,7 @@ def run_demo(out: str | Path = "runs/demo", *, cache: str | Path | None = None, 
         make_shapes(out, "base_train", size.base_images, BASE_SHAPES, BASE_SHAPES, seed=1)
         make_shapes(out, "new_train", size.new_images, BASE_SHAPES + NEW_SHAPES * 2, NEW_SHAPES, seed=2)
         make_shapes(out, "val", size.val_images, BASE_SHAPES + NEW_SHAPES, BASE_SHAPES + NEW_SHAPES, seed=3)
-    base_folder = _base(out, cache, size, quick)
+    base_folder = demo_base(out, cache, size)
     train = load_dataset(out / "new_train.json", out / "images")
     val = load_dataset(out / "val.json", out / "images")
     base = load_model(base_folder)

@@ -205,6 +205,15 @@ def _extend(model, train, settings, out, val, replay, resume):
     (out / "settings.json").write_text(json.dumps(saved, indent=1))
     (out / "mapping.json").write_text(json.dumps(mapping, indent=1))
 
+    before = None
+    if val is not None and _labels_old_classes(val, card):
+        # the base on val, for the report's before/after (the model is widened in place below)
+        from .evaluate import detect, evaluate
+
+        base_detections = detect(model, val, device=settings.device)
+        before = (evaluate(model, val, detections=base_detections), base_detections, list(card.classes))
+        log.info("val old classes before: AP %.3f", before[0].groups.get("old", {}).get("ap", float("nan")))
+
     examples = None
     if settings.init == "imprint":
         new_items = [i for i, (_, _, labels) in enumerate(data.items) if (labels >= first).any()][:64]
@@ -229,7 +238,7 @@ def _extend(model, train, settings, out, val, replay, resume):
     )
     log.info("trained in %.0f s (peak memory %.0f MB); checkpoint in %s", seconds, peak, out)
     if val is not None:
-        _evaluate(model, val, out, settings.device)
+        _evaluate(model, val, out, settings.device, before)
     return model
 
 
@@ -381,13 +390,34 @@ def _load_last(out: Path, model: nn.Module, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str) -> None:
-    from .evaluate import detect, evaluate
+def _labels_old_classes(val: Dataset, card) -> bool:
+    labelled = {c["id"] for c in val.coco["categories"]} & {a["category_id"] for a in val.coco["annotations"]}
+    names = {c["name"].lower() for c in val.coco["categories"] if c["id"] in labelled}
+    return any(n.lower() in names for n in card.classes[1:])
+
+
+def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before) -> None:
+    """eval.json and report.html on val, against the base's results on val (``before``)."""
+    from .evaluate import compare, detect, evaluate
     from .report import write_report
 
     detections = detect(model, val, device=device)
     result = evaluate(model, val, detections=detections)
-    (out / "eval.json").write_text(json.dumps(result.to_json(), indent=1))
+    base, base_detections, base_classes = before or (None, None, None)
+    comparison = compare(result, base) if base else None
+    report = {**result.to_json(), "base": base.to_json() if base else None, "comparison": comparison}
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
     for group, v in result.groups.items():
         log.info("val %s classes: AP %.3f, AP50 %.3f", group, v["ap"], v["ap50"])
-    write_report(out / "report.html", f"detgraft extend: {out}", result, val, detections, get_card(model).classes)
+    write_report(
+        out / "report.html",
+        f"detgraft extend: {out}",
+        result,
+        val,
+        detections,
+        get_card(model).classes,
+        before=base,
+        base_detections=base_detections,
+        base_classes=base_classes,
+        comparison=comparison,
+    )

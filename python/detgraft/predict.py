@@ -85,15 +85,19 @@ def predict_files(
         names = [card.classes[i] for i in labels.tolist()]
         predictions.append(Prediction(str(file), boxes.tolist(), labels.tolist(), names, scores.tolist()))
         colors = [_PALETTE[i % len(_PALETTE)] for i in labels.tolist()]
-        drawn = draw_bounding_boxes(
-            image,
-            boxes,
-            labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())],
-            colors=colors,
-            width=2,
-            fill_labels=True,
-            label_colors="white",
-            label_background_colors=colors,
+        drawn = (
+            image
+            if not len(boxes)
+            else draw_bounding_boxes(
+                image,
+                boxes,
+                labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())],
+                colors=colors,
+                width=2,
+                fill_labels=True,
+                label_colors="white",
+                label_background_colors=colors,
+            )
         )
         write_png(drawn, str(out_dir / f"{file.stem}.png"))
     report = {

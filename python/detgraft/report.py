@@ -78,7 +78,7 @@ def _pr_curves(after: Evaluation) -> str | None:
 
 def _drawn(path: Path, d: dict[str, Tensor] | None, classes: list[str], score: float) -> str:
     image = decode_image(str(path), mode=ImageReadMode.RGB)
-    if d is not None:
+    if d is not None and bool((d["scores"] >= score).any()):  # draw_bounding_boxes warns on none
         keep = d["scores"] >= score
         labels = d["labels"][keep].tolist()
         colors = [_PALETTE[i % len(_PALETTE)] for i in labels]
@@ -162,7 +162,7 @@ def write_report(
     parts.append("</div>")
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}figure{display:inline-block;margin:4px}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}figure{display:inline-block;margin:4px}figure img{width:320px}"
         ".pair{display:inline-block;border:1px solid #ddd;margin:4px}figcaption{text-align:center}"
     )
     page = (
