@@ -162,7 +162,8 @@ def write_report(
     parts.append("</div>")
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}figure{display:inline-block;margin:4px}figure img{width:320px}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}figure{display:inline-block;margin:4px}"
+        "figure img{width:320px}"
         ".pair{display:inline-block;border:1px solid #ddd;margin:4px}figcaption{text-align:center}"
     )
     page = (
