@@ -206,7 +206,7 @@ def _extend(model, train, settings, out, val, replay, resume):
     (out / "mapping.json").write_text(json.dumps(mapping, indent=1))
 
     before = None
-    if val is not None and _labels_old_classes(val, card):
+    if val is not None and _labels_old_classes(val, model):
         # the base on val, for the report's before/after (the model is widened in place below)
         from .evaluate import detect, evaluate
 
@@ -390,10 +390,11 @@ def _load_last(out: Path, model: nn.Module, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def _labels_old_classes(val: Dataset, card) -> bool:
-    labelled = {c["id"] for c in val.coco["categories"]} & {a["category_id"] for a in val.coco["annotations"]}
-    names = {c["name"].lower() for c in val.coco["categories"] if c["id"] in labelled}
-    return any(n.lower() in names for n in card.classes[1:])
+def _labels_old_classes(val: Dataset, model: nn.Module) -> bool:
+    """Whether ``val`` has boxes of a class ``model`` has (matched by name, as evaluate does)."""
+    from .evaluate import _label_to_category
+
+    return bool(set(_label_to_category(model, val).values()) & {a["category_id"] for a in val.coco["annotations"]})
 
 
 def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before) -> None:
