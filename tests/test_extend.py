@@ -151,3 +151,12 @@ def test_extend_command_writes_checkpoint_settings_log_and_evaluation(train, tmp
     assert evaluation["base"]["groups"]["old"] and evaluation["comparison"]["old_classes"][0]["name"] == "class_1"
     assert "<figcaption>base</figcaption>" in (out / "report.html").read_text()  # before/after pictures
     assert main(argv[:-6] + ["--strategy", "everything"]) == 2  # a clear error, not a traceback
+
+
+def test_extend_with_val_of_new_classes_only_reports_without_a_before(train, tmp_path):
+    val = write_coco(tmp_path, "val", ["chicken"], [[4, 4, 30, 30]], count=2)  # no class the base has
+    extend(base_model(), train, settings(steps=1), out=tmp_path / "out", val=val)
+    evaluation = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert evaluation["base"] is None and evaluation["comparison"] is None
+    assert {c["name"] for c in evaluation["classes"]} == {"chicken"}
+    assert "<figcaption>base</figcaption>" not in (tmp_path / "out" / "report.html").read_text()
