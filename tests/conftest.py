@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision.io import write_png
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_model  # noqa: E402
+from detgraft.evaluate import load_dataset  # noqa: E402
 
 TINY_BUILDER = f"{Path(__file__).parent / 'tiny_model.py'}:build"
 
@@ -37,3 +40,31 @@ def assert_same_detections(before, after, score_rtol=1e-6):
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
         assert torch.equal(a["labels"], b["labels"])
         torch.testing.assert_close(a["scores"], b["scores"], rtol=score_rtol, atol=0)
+
+
+def write_coco(tmp_path, name, categories, boxes_per_image, count=6):
+    """``count`` noise images (64 px) with one box of each listed category, in a COCO json."""
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": 100 + i, "name": n} for i, n in enumerate(categories)],
+    }
+    for i, image in enumerate(tiny_model.images(count, seed=7)):
+        file = f"{name}_{i}.png"
+        write_png((image * 255).byte(), str(folder / file))
+        coco["images"].append({"id": i + 1, "file_name": file, "width": 64, "height": 64})
+        for k, (cat, box) in enumerate(zip(coco["categories"], boxes_per_image)):
+            coco["annotations"].append(
+                {
+                    "id": 10 * i + k + 1,
+                    "image_id": i + 1,
+                    "category_id": cat["id"],
+                    "bbox": box,
+                    "area": 1,
+                    "iscrowd": 0,
+                }
+            )
+    (tmp_path / f"{name}.json").write_text(json.dumps(coco))
+    return load_dataset(tmp_path / f"{name}.json", folder)

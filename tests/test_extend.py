@@ -8,42 +8,12 @@ from dataclasses import fields
 import pytest
 import safetensors.torch
 import torch
-from torchvision.io import write_png
 
 import detgraft
-from conftest import TINY_BUILDER
+from conftest import TINY_BUILDER, write_coco
 from detgraft.cli import _parser, main
-from detgraft.evaluate import load_dataset
 from detgraft.extend import ExtendSettings, extend
-from tiny_model import build, images
-
-
-def write_coco(tmp_path, name, categories, boxes_per_image, count=6):
-    """``count`` noise images (64 px) with one box of each listed category, in a COCO json."""
-    folder = tmp_path / "images"
-    folder.mkdir(exist_ok=True)
-    coco = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": 100 + i, "name": n} for i, n in enumerate(categories)],
-    }
-    for i, image in enumerate(images(count, seed=7)):
-        file = f"{name}_{i}.png"
-        write_png((image * 255).byte(), str(folder / file))
-        coco["images"].append({"id": i + 1, "file_name": file, "width": 64, "height": 64})
-        for k, (cat, box) in enumerate(zip(coco["categories"], boxes_per_image)):
-            coco["annotations"].append(
-                {
-                    "id": 10 * i + k + 1,
-                    "image_id": i + 1,
-                    "category_id": cat["id"],
-                    "bbox": box,
-                    "area": 1,
-                    "iscrowd": 0,
-                }
-            )
-    (tmp_path / f"{name}.json").write_text(json.dumps(coco))
-    return load_dataset(tmp_path / f"{name}.json", folder)
+from tiny_model import build
 
 
 @pytest.fixture

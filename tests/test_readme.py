@@ -3,7 +3,6 @@ its Python blocks compile, and its first two commands are the ones ``.ci/run`` a
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 import torchvision
 
 import detgraft
+from conftest import write_coco
 from detgraft.cli import _parser, main
 from detgraft.loading import weights_cache_path
 
@@ -50,33 +50,6 @@ def test_readme_python_blocks_compile(index):
     compile(BLOCKS[index][1], f"README block {index}", "exec")
 
 
-def _coco_file(path: Path, folder: Path, names: list[str], count: int) -> Path:
-    from torchvision.io import write_png
-
-    from tiny_model import images
-
-    folder.mkdir(parents=True, exist_ok=True)
-    coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
-    for i, image in enumerate(images(count), start=1):
-        write_png((image * 255).byte(), str(folder / f"{path.stem}_{i}.png"))
-        coco["images"].append({"id": i, "file_name": f"{path.stem}_{i}.png", "width": 64, "height": 64})
-        for k in range(len(names)):
-            x = 4 + 28 * k
-            box = [x, 8, 24, 24]
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": i,
-                    "category_id": k + 1,
-                    "bbox": box,
-                    "area": 576,
-                    "iscrowd": 0,
-                }  # fmt: skip
-            )
-    path.write_text(json.dumps(coco))
-    return path
-
-
 def test_readme_model_commands_run(tmp_path, monkeypatch):
     """Runs the README's extend/eval/predict/inspect/drift lines as written for fasterrcnn_resnet50_fpn with
     COCO_V1 weights from torch's cache (a stand-in file with random weights at the cached name, so that
@@ -93,10 +66,14 @@ def test_readme_model_commands_run(tmp_path, monkeypatch):
     base = tmp_path / "base"
     detgraft.save_checkpoint(detgraft.load_model("fasterrcnn_resnet50_fpn", "COCO_V1"), base)
     images = tmp_path / "images"
+    boxes = [[2, 8, 18, 18], [22, 8, 18, 18], [42, 8, 18, 18]]
+    write_coco(tmp_path, "new", ["chicken", "frog"], boxes[:2], count=1)
+    for split in ("val", "test"):
+        write_coco(tmp_path, split, ["person", "chicken", "frog"], boxes, count=1)
     fill = {
-        "new.json": _coco_file(tmp_path / "new.json", images, ["chicken", "frog"], 1),
-        "val.json": _coco_file(tmp_path / "val.json", images, ["person", "chicken", "frog"], 1),
-        "test.json": _coco_file(tmp_path / "test.json", images, ["person", "chicken", "frog"], 1),
+        "new.json": tmp_path / "new.json",
+        "val.json": tmp_path / "val.json",
+        "test.json": tmp_path / "test.json",
         "DIR": images,
         "photos/": images,
         "IMAGE_OR_DIR": images,
