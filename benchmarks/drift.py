@@ -57,7 +57,7 @@ def old_ap_bootstrap(data, base, detections: dict[str, dict], resamples: int, se
     """Labelled old-class AP of each model on ``resamples`` bootstrap resamples of the images (the same
     resamples for every model, so differences are paired)."""
     mapping = _label_to_category(base, data)  # the base's classes are the old ones
-    old = sorted({mapping[label] for label in mapping} & {a["category_id"] for a in data.coco["annotations"]})
+    old = sorted(set(mapping.values()) & {a["category_id"] for a in data.coco["annotations"]})
     ids = [im["id"] for im in data.coco["images"]]
     annotations: dict[int, list] = {i: [] for i in ids}
     for a in data.coco["annotations"]:
