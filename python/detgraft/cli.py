@@ -238,11 +238,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from .evaluate import compare, detect, evaluate, load_dataset
-    from .report import write_report
+    from .report import write_evaluation
 
     data = load_dataset(args.data, args.images)
     model = _load(args)
@@ -255,18 +252,8 @@ def _eval(args: argparse.Namespace) -> int:
         before = evaluate(base, data, detections=base_detections, evaluator=args.evaluator, score=args.score)
         comparison = compare(result, before)
     _print_eval(result, before, comparison)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "model": args.model,
-        "data": args.data,
-        **result.to_json(),
-        "base": before.to_json() if before else None,
-        "comparison": comparison,
-    }
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
-    page = write_report(
-        out / "report.html",
+    page = write_evaluation(
+        args.out,
         f"detgraft eval: {args.model}",
         result,
         data,
@@ -277,8 +264,9 @@ def _eval(args: argparse.Namespace) -> int:
         base_classes=get_card(base).classes if base else None,
         comparison=comparison,
         score=args.score,
+        header={"model": args.model, "data": args.data},
     )
-    log.info("wrote %s and %s", out / "eval.json", page)
+    log.info("wrote %s and %s", page.with_name("eval.json"), page)
     return 0
 
 

@@ -400,18 +400,15 @@ def _labels_old_classes(val: Dataset, model: nn.Module) -> bool:
 def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before) -> None:
     """eval.json and report.html on val, against the base's results on val (``before``)."""
     from .evaluate import compare, detect, evaluate
-    from .report import write_report
+    from .report import write_evaluation
 
     detections = detect(model, val, device=device)
     result = evaluate(model, val, detections=detections)
     base, base_detections, base_classes = before or (None, None, None)
-    comparison = compare(result, base) if base else None
-    report = {**result.to_json(), "base": base.to_json() if base else None, "comparison": comparison}
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
     for group, v in result.groups.items():
         log.info("val %s classes: AP %.3f, AP50 %.3f", group, v["ap"], v["ap50"])
-    write_report(
-        out / "report.html",
+    write_evaluation(
+        out,
         f"detgraft extend: {out}",
         result,
         val,
@@ -420,5 +417,5 @@ def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before) ->
         before=base,
         base_detections=base_detections,
         base_classes=base_classes,
-        comparison=comparison,
+        comparison=compare(result, base) if base else None,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torchvision.utils import draw_bounding_boxes
 from .evaluate import Dataset, Evaluation
 from .predict import _PALETTE
 
-__all__ = ["write_report"]
+__all__ = ["write_evaluation", "write_report"]
 
 
 def _pyplot():
@@ -174,3 +175,44 @@ def write_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path
+
+
+def write_evaluation(
+    out: str | Path,
+    title: str,
+    after: Evaluation,
+    data: Dataset,
+    detections: dict[int, dict[str, Tensor]],
+    classes: list[str],
+    *,
+    before: Evaluation | None = None,
+    base_detections: dict[int, dict[str, Tensor]] | None = None,
+    base_classes: list[str] | None = None,
+    comparison: dict[str, Any] | None = None,
+    score: float = 0.5,
+    header: dict[str, Any] | None = None,
+) -> Path:
+    """Writes ``out/eval.json`` (``header``, the results, the base's and the comparison) and
+    ``out/report.html``; returns the report's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        **(header or {}),
+        **after.to_json(),
+        "base": before.to_json() if before else None,
+        "comparison": comparison,
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    return write_report(
+        out / "report.html",
+        title,
+        after,
+        data,
+        detections,
+        classes,
+        before=before,
+        base_detections=base_detections,
+        base_classes=base_classes,
+        comparison=comparison,
+        score=score,
+    )
