@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +32,21 @@ def tiny_images():
 def detect(model, images):
     model.eval()
     return model([im.to(next(model.parameters()).device) for im in images])
+
+
+@torch.no_grad()
+def detect64(model, images):
+    """Detections of a float64 copy of ``model``. A widened Linear is a differently shaped product
+    than the original, and float32 products of different shapes round differently on different
+    CPUs (AVX-512 and AVX2 GEMM kernels), by more than ``preserve`` moves a score; in float64 that
+    noise is near 1e-15, so a comparison can check the exact-arithmetic promise itself. float32 ->
+    float64 is exact, so the copy computes with the model's very weights."""
+    return detect(copy.deepcopy(model).double(), [im.double() for im in images])
+
+
+def preserve_rtol(num_new: int) -> float:
+    """How far ``preserve`` may move an old score, relative, in exact arithmetic: num_new * e^-16."""
+    return num_new * math.exp(-16) + 1e-12
 
 
 def assert_same_detections(before, after, score_rtol=1e-6):
