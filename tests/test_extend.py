@@ -130,3 +130,23 @@ def test_extend_with_val_of_new_classes_only_reports_without_a_before(train, tmp
     assert evaluation["base"] is None and evaluation["comparison"] is None
     assert {c["name"] for c in evaluation["classes"]} == {"chicken"}
     assert "<figcaption>base</figcaption>" not in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_new_class_without_a_box_is_an_error_that_names_it(tmp_path):
+    data = write_coco(tmp_path, "half", ["chicken", "frog"], [[4, 4, 30, 30]])  # no frog box anywhere
+    with pytest.raises(ValueError, match="no box of 'frog'"):
+        extend(base_model(), data, settings(), out=tmp_path / "x")
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_the_default_budget_follows_the_data_and_is_recorded(train, tmp_path):
+    from detgraft.extend import AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps
+
+    assert auto_steps(17, 8) == AUTO_MIN_STEPS  # a few images: the floor, not the full run's steps
+    assert auto_steps(600, 8) == min(AUTO_MAX_STEPS, AUTO_EPOCHS * 600 // 8)
+    assert auto_steps(10_000, 8) == AUTO_MAX_STEPS
+    extend(base_model(), train, settings(strategy="branch", steps=None), out=tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["settings"]["steps"] == auto_steps(6, 2)
+    record = json.loads((tmp_path / "out" / "extend.json").read_text())
+    assert record["steps"] == auto_steps(6, 2) and record["arbitration"]["new_boxes"] == 12
+    assert bool(detgraft.load_model(tmp_path / "out").roi_heads.branches[0].calibrated)

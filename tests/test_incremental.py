@@ -103,19 +103,21 @@ def test_pseudo_teacher_never_changes_and_is_not_part_of_the_model():
 
 
 def test_pseudo_labels_keep_confident_ignore_uncertain_and_respect_user_labels():
-    from detgraft.incremental import _merge
+    from detgraft.teacher import add_teacher_boxes
 
     target = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([6])}
     teacher = {
-        "boxes": torch.tensor([[0.0, 0, 10, 11], [20, 20, 30, 30], [40, 40, 50, 50], [5, 30, 15, 40], [50, 0, 60, 9]]),
-        "labels": torch.tensor([2, 2, 4, 5, 7]),
-        "scores": torch.tensor([0.9, 0.8, 0.5, 0.1, 0.9]),
+        "boxes": torch.tensor([[0.0, 0, 10, 11], [20, 20, 30, 30], [40, 40, 50, 50], [5, 30, 15, 40]]),
+        "labels": torch.tensor([2, 2, 4, 5]),
+        "scores": torch.tensor([0.9, 0.8, 0.5, 0.1]),
     }
-    merged = _merge(target, teacher, torch.tensor([1, 2, 4, 5]), keep=0.7, ignore=0.3)
+    merged = add_teacher_boxes(target, teacher, keep=0.7, ignore=0.3)
     # kept: the user's frog; bird 0.8 as a label; cup 0.5 as ignored (-1). Dropped: the bird on the
-    # user's frog (IoU > 0.5), the laptop below 0.3, the teacher's new-class box
+    # user's frog (IoU > 0.5), the laptop below 0.3
     assert merged["labels"].tolist() == [6, 2, -1]
     assert merged["boxes"].tolist() == [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]
+    # the branch's "others" output: every kept teacher box gets the one label it is given
+    assert add_teacher_boxes(target, teacher, keep=0.7, ignore=0.3, label=3)["labels"].tolist() == [6, 3, -1]
 
 
 def test_boxes_labelled_minus_one_are_left_out_of_the_box_head_loss():
@@ -202,17 +204,78 @@ def test_branch_keeps_the_base_bit_identical_and_trains_only_the_branch():
     assert all(set(d["labels"].tolist()) <= set(range(1, 8)) for d in after)
 
 
-def test_branch_merge_lets_the_stronger_claim_win():
-    from detgraft.branch import _merge
+def test_uncalibrated_merge_lets_the_stronger_claim_win():
+    from detgraft.arbitration import arbitrate
 
     old = (torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), torch.tensor([0.6, 0.9]), torch.tensor([2, 3]))
     new = (torch.tensor([[0.0, 0, 10, 11], [50, 50, 60, 61]]), torch.tensor([0.8, 0.3]), torch.tensor([6, 6]))
-    boxes, scores, labels = _merge([old, new], 0.5)
+    boxes, scores, labels = arbitrate([old, new], [], 0.5, None)
     # the old 2 under a stronger new 6 keeps 0.6 * (1 - 0.8); the new 6 under a stronger old 3 keeps 0.3 * 0.1
     assert labels.tolist() == [3, 6, 2, 6]
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.6 * 0.2, 0.3 * 0.1]))
-    _, scores, labels = _merge([old, new], None)
+    _, scores, labels = arbitrate([old, new], [], None, None)
     assert labels.tolist() == [3, 6, 2, 6] and scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.3])
+
+
+def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
+    from types import SimpleNamespace
+
+    from detgraft.arbitration import ALPHA, arbitrate
+
+    chicken = torch.tensor([[1.0, 0.0]])  # the prototype of label 6 in the base's feature space
+    branch = SimpleNamespace(
+        first_label=6, prototypes=chicken, at_least=torch.tensor(0.7), look_alike=torch.tensor(0.9)
+    )
+    box = lambda x: [x, 0.0, x + 10, 10]  # noqa: E731
+    # base: a bird that looks like a chicken (0), a pizza that does not (1), a bird far from any
+    # new detection (2), a weak bird that looks somewhat like a chicken (3), a weak bird that does not (4)
+    old = (
+        torch.tensor([box(0), box(20), box(40), box(60), box(80)]),
+        torch.tensor([0.9, 0.95, 0.6, 0.5, 0.5]),
+        torch.tensor([2, 3, 2, 2, 2]),
+    )
+    new = (
+        torch.tensor([box(0.5), box(20.5), box(60.5), box(80.5)]),
+        torch.tensor([0.8, 0.99, 0.9, 0.9]),
+        torch.tensor([6, 6, 6, 6]),
+    )
+    features = torch.tensor(
+        [[1.0, 0], [0, 1], [1, 0], [0.8, 0.6], [0.6, 0.8]]  # at the old boxes
+        + [[1.0, 0], [0.6, 0.8], [1, 0], [1, 0]]  # at the new boxes
+    )
+    boxes, scores, labels = arbitrate([old, new], [branch], 0.5, features)
+    got = {(int(b[0]), int(label)): float(s) for b, s, label in zip(boxes, scores, labels)}
+    calibrated = [ALPHA * s + (1 - ALPHA) * sim for s, sim in ((0.8, 1.0), (0.99, 0.6), (0.9, 1.0), (0.9, 1.0))]
+    # looks like a chicken beyond any old object (cos 1 >= 0.9): lowered although it scored higher
+    assert got[(0, 2)] == pytest.approx(0.9 * (1 - calibrated[0]))
+    assert got[(0, 6)] == pytest.approx(calibrated[0])
+    # a pizza (cos 0 < 0.7) is never lowered, whatever the branch says; the branch's claim is
+    assert got[(20, 3)] == old[1][1].item() and got[(20, 6)] == pytest.approx(calibrated[1] * (1 - 0.95))
+    # away from every new detection: untouched
+    assert got[(40, 2)] == old[1][2].item()
+    # somewhat alike (0.7 <= cos 0.8 < 0.9) and weaker than the new claim: lowered
+    assert got[(60, 2)] == pytest.approx(0.5 * (1 - calibrated[2]))
+    # weaker, but not alike (cos 0.6 < 0.7): kept as it is, beside the new detection
+    assert got[(80, 2)] == old[1][4].item() and got[(80, 6)] == pytest.approx(calibrated[3])
+
+
+def test_calibrate_learns_prototypes_from_the_labelled_boxes():
+    from detgraft.arbitration import base_features, calibrate
+
+    model = incremental(widened(), "branch")
+    train(model, steps=1, losses={"loss_classifier", "loss_box_reg"})
+    learned = calibrate(model, zip(images(), TARGETS))
+    branch = model.roi_heads.branches[0]
+    assert bool(branch.calibrated) and learned["new_boxes"] == 2
+    # one box per class: each prototype is that box's base feature, so it reaches at_least 1
+    with torch.no_grad():
+        image_list, targets = model.transform(images(), copy.deepcopy(TARGETS))
+        features = {"0": model.backbone(image_list.tensors)}
+        expected = base_features(model.roi_heads, features, [t["boxes"] for t in targets], image_list.image_sizes)
+    torch.testing.assert_close(branch.prototypes, expected)
+    assert learned["at_least"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="label"):
+        calibrate(model, zip(images(), [TARGETS[0], TARGETS[0]]))  # no frog box
 
 
 def test_branch_checkpoint_round_trip_and_a_second_extension(tmp_path):
@@ -230,3 +293,38 @@ def test_branch_checkpoint_round_trip_and_a_second_extension(tmp_path):
     assert len(loaded.roi_heads.branches) == 2 and loaded.roi_heads.branches[1].first_label == 8
     train(loaded, losses={"loss_classifier", "loss_box_reg"})
     assert all(torch.equal(v, first_branch[k]) for k, v in loaded.roi_heads.branches[0].state_dict().items())
+
+
+def test_branch_others_output_joins_the_background_and_keeps_each_class_probability():
+    model = incremental(widened(), "branch")
+    branch = model.roi_heads.branches[0]
+    assert branch.others and branch.num_classes == 3  # background, chicken, frog (+ others)
+    assert branch.box_predictor.cls_score.out_features == 4
+    pooled = torch.randn(5, 16, 7, 7)
+    logits, regression = branch(pooled)
+    full, _ = branch.box_predictor(branch.box_head(pooled))
+    assert logits.shape == (5, 3) and regression.shape == (5, 12)
+    torch.testing.assert_close(logits.softmax(1)[:, 1:], full.softmax(1)[:, 1:3])
+
+
+def test_branch_others_learns_the_teachers_boxes_and_is_never_detected(monkeypatch):
+    from detgraft import branch as branch_module
+
+    model = incremental(widened(), "branch")
+    heads = model.roi_heads
+    seen = []
+    original = branch_module.add_teacher_boxes
+
+    def spy(target, detections, keep, ignore, label):
+        seen.append((detections, label))
+        return original(target, detections, keep, ignore, label)
+
+    monkeypatch.setattr(branch_module, "add_teacher_boxes", spy)
+    heads.score_thresh = 0.0  # the untrained tiny base: let its detections through to be taught
+    train(model, steps=1, losses={"loss_classifier", "loss_box_reg"})
+    assert len(seen) == 2 and all(label == 3 for _, label in seen)  # others = the branch's index 3
+    assert all(len(d["boxes"]) and (d["labels"] < 6).all() for d, _ in seen)  # the base's classes only
+    heads.score_thresh, heads.detections_per_img = 0.0, 10_000  # every detection of every source
+    detections = model(images())
+    assert all(((d["labels"] >= 1) & (d["labels"] <= 7)).all() for d in detections)
+    assert any((d["labels"] >= 6).any() for d in detections)  # the branch detects, others never shows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch  # noqa: F401  (libtorch must be loaded before the Rust extension)
 
 from . import _core  # noqa: F401
+from .arbitration import calibrate
 from .card import ModelCard, get_card
 from .checkpoint import load_checkpoint, save_checkpoint
 from .extend import ExtendSettings, extend
@@ -23,6 +24,7 @@ __all__ = [
     "ExtendSettings",
     "ModelCard",
     "box_features",
+    "calibrate",
     "expand_predictor",
     "expand_state_dict",
     "extend",

@@ -1,15 +1,15 @@
 """The ``branch`` strategy: the base stays frozen and bit-identical; each extension adds a branch.
 
 A branch is a box head and a predictor of its own (background + that extension's classes) that
-reads the base's RoI features of the base's proposals. At inference the base's old-class
-detections are computed exactly as the base computes them (the same layers, the same weights,
-the same shapes), each branch detects its classes, and the lists are merged: where detections
-of different branches (the base counts as one) overlap with IoU >= ``merge_iou``, the one with
-the higher score wins and the weaker one's score is multiplied by (1 - the stronger's score).
-That merge is the only way an old-class detection can change, so "zero forgetting" means
-exactly: every old-class box and label of the base is kept bit for bit, and its score too unless
-a higher-scored new-class detection overlaps it; with ``merge_iou=None`` the base's detections
-are all kept bit for bit.
+reads the base's RoI features of the base's proposals, plus an ``others`` output that learns
+from the model's own detections what is not new. At inference the base's old-class detections
+are computed exactly as the base computes them (the same layers, the same weights, the same
+shapes), each branch detects its classes, and ``detgraft.arbitration`` merges the lists: where
+an old and a new detection overlap with IoU >= ``merge_iou``, it decides by the branch's
+calibrated score and by what the base's own features say the box looks like. That merge is the
+only way an old-class detection can change, so "zero forgetting" means exactly: every old-class
+box and label of the base is kept bit for bit, and its score too unless the arbitration gives
+the object to a new class; with ``merge_iou=None`` the base's detections are all kept bit for bit.
 
 The model stays a torchvision ``FasterRCNN``: its ``roi_heads`` becomes a ``BranchRoIHeads``
 (a subclass of torchvision's ``RoIHeads``) in place, so ``model(images, targets)`` returns
@@ -20,33 +20,68 @@ mode returns torchvision's list of ``{boxes, labels, scores}``.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.ops import box_iou
+
+from .arbitration import arbitrate, base_features
+from .teacher import add_teacher_boxes
 
 __all__ = ["Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
+
+log = logging.getLogger(__name__)
+
+ARBITRATION_STATE = ("prototypes", "look_alike", "at_least", "calibrated")  # each branch's buffers
 
 
 class Branch(nn.Module):
     """A box head and a predictor for labels ``first_label`` .. ``first_label + num_classes - 2``
-    (``num_classes`` counts the branch's background, as torchvision's does)."""
+    (``num_classes`` counts the branch's background, as torchvision's does). With ``others``, the
+    predictor has one more output after them: "an object the model knew before", learned from the
+    teacher's detections (see ``BranchRoIHeads``)."""
 
-    def __init__(self, box_head: nn.Module, box_predictor: FastRCNNPredictor, first_label: int) -> None:
+    def __init__(
+        self, box_head: nn.Module, box_predictor: FastRCNNPredictor, first_label: int, others: bool = False
+    ) -> None:
         super().__init__()
         self.box_head = box_head
         self.box_predictor = box_predictor
         self.first_label = first_label
+        self.others = others
+        # the arbitration's state (detgraft.arbitration.calibrate): saved with the weights
+        width = box_predictor.cls_score.in_features
+        self.register_buffer("prototypes", box_predictor.cls_score.weight.new_zeros(self.num_classes - 1, width))
+        self.register_buffer("look_alike", box_predictor.cls_score.weight.new_ones(()))
+        self.register_buffer("at_least", box_predictor.cls_score.weight.new_ones(()))
+        self.register_buffer("calibrated", torch.tensor(False, device=box_predictor.cls_score.weight.device))
+
+    def set_arbitration(self, prototypes: Tensor, look_alike: float, at_least: float) -> None:
+        with torch.no_grad():
+            self.prototypes.copy_(prototypes)
+            self.look_alike.fill_(look_alike)
+            self.at_least.fill_(at_least)
+            self.calibrated.fill_(True)
 
     @property
     def num_classes(self) -> int:
-        return self.box_predictor.cls_score.out_features
+        return self.box_predictor.cls_score.out_features - self.others
 
     def owns(self, labels: Tensor) -> Tensor:
         return (labels >= self.first_label) & (labels < self.first_label + self.num_classes - 1)
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        """Class logits and box regression over background and the branch's classes: the
+        ``others`` output joins the background (log-sum-exp of the two logits), so each class's
+        probability is what the full softmax gives it."""
+        logits, regression = self.box_predictor(self.box_head(pooled))
+        if not self.others:
+            return logits, regression
+        background = torch.logsumexp(logits[:, [0, -1]], dim=1, keepdim=True)
+        return torch.cat([background, logits[:, 1:-1]], dim=1), regression[:, :-4]
 
 
 class BranchRoIHeads(RoIHeads):
@@ -55,6 +90,9 @@ class BranchRoIHeads(RoIHeads):
     branches: nn.ModuleList
     base_width: int  # the base predictor's outputs, background included
     merge_iou: float | None
+    keep: float  # teacher scores of the branches' ``others`` output: a label from keep,
+    ignore: float  # left out of the loss from ignore
+    _warned = False
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
@@ -62,6 +100,11 @@ class BranchRoIHeads(RoIHeads):
                 raise ValueError("training a branch needs targets")
             branch = self.branches[-1]
             targets = [_branch_targets(t, branch) for t in targets]
+            if branch.others:
+                with torch.no_grad():
+                    taught = self._teacher_detections(features, proposals, image_shapes, branch)
+                others = branch.num_classes
+                targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
             proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
             x = branch.box_head(self.box_roi_pool(features, proposals, image_shapes))
             class_logits, box_regression = branch.box_predictor(x)
@@ -71,12 +114,18 @@ class BranchRoIHeads(RoIHeads):
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         per_source = [self._base_detections(pooled, proposals, image_shapes)]
         for branch in self.branches:
-            logits, regression = branch.box_predictor(branch.box_head(pooled))
-            boxes, scores, labels = self.postprocess_detections(logits, regression, proposals, image_shapes)
-            per_source.append((boxes, scores, [label + branch.first_label - 1 for label in labels]))
+            per_source.append(self._branch_detections(branch, pooled, proposals, image_shapes))
+        per_image = [[(s[0][i], s[1][i], s[2][i]) for s in per_source] for i in range(len(proposals))]
+        features_at = [None] * len(proposals)
+        if self.merge_iou is not None and all(bool(b.calibrated) for b in self.branches):
+            boxes = [torch.cat([s[0] for s in sources]) for sources in per_image]
+            features_at = base_features(self, features, boxes, image_shapes).split([len(b) for b in boxes])
+        elif self.merge_iou is not None and not self._warned:
+            log.warning("a branch was not calibrated: merging by score alone (call detgraft.calibrate after training)")
+            self._warned = True
         result = []
-        for i in range(len(proposals)):
-            boxes, scores, labels = _merge([(s[0][i], s[1][i], s[2][i]) for s in per_source], self.merge_iou)
+        for i, sources in enumerate(per_image):
+            boxes, scores, labels = arbitrate(sources, self.branches, self.merge_iou, features_at[i])
             result.append(
                 {
                     "boxes": boxes[: self.detections_per_img],
@@ -95,14 +144,43 @@ class BranchRoIHeads(RoIHeads):
         regression = F.linear(x, predictor.bbox_pred.weight[: 4 * width], predictor.bbox_pred.bias[: 4 * width])
         return self.postprocess_detections(logits, regression, proposals, image_shapes)
 
+    def _branch_detections(self, branch: Branch, pooled: Tensor, proposals, image_shapes):
+        boxes, scores, labels = self.postprocess_detections(*branch(pooled), proposals, image_shapes)
+        return boxes, scores, [label + branch.first_label - 1 for label in labels]
 
-def add_branch(model: nn.Module, labels: list[int], merge_iou: float | None = 0.5) -> Branch:
+    def _teacher_detections(self, features, proposals, image_shapes, branch: Branch) -> list[dict[str, Tensor]]:
+        """What the model detected before ``branch`` was added (the base and the earlier
+        branches, unmerged) on the training proposals: the ``teacher`` of its ``others`` output."""
+        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        sources = [self._base_detections(pooled, proposals, image_shapes)]
+        sources += [
+            self._branch_detections(b, pooled, proposals, image_shapes) for b in self.branches if b is not branch
+        ]
+        return [
+            {k: torch.cat([s[j][i] for s in sources]) for j, k in enumerate(("boxes", "scores", "labels"))}
+            for i in range(len(proposals))
+        ]
+
+
+def add_branch(
+    model: nn.Module,
+    labels: list[int],
+    merge_iou: float | None = 0.5,
+    others: bool = True,
+    keep: float = 0.7,
+    ignore: float = 0.3,
+) -> Branch:
     """Adds a branch for ``labels`` (consecutive, after everything the model has) to ``model``'s
     RoI heads, in place. Its box head starts as a copy of the base's; its predictor's rows start
     as the widened predictor's rows for the background and ``labels`` (set by ``expand_predictor``'s
-    init). Everything but the new branch is frozen."""
+    init). With ``others``, one more output learns "an object the model already knew" from the
+    model's own detections on the training images (score >= ``keep`` a label; between ``ignore``
+    and ``keep`` left out of the loss); it starts as the mean of the old classes' rows. Everything
+    but the new branch is frozen."""
     if not labels or list(labels) != list(range(labels[0], labels[0] + len(labels))):
         raise ValueError(f"a branch takes consecutive labels; got {labels}")
+    if not 0 <= ignore <= keep <= 1:
+        raise ValueError(f"need 0 <= ignore <= keep <= 1; got ignore={ignore}, keep={keep}")
     heads = model.roi_heads
     predictor = heads.box_predictor
     if predictor.cls_score.out_features < labels[-1] + 1:
@@ -115,15 +193,23 @@ def add_branch(model: nn.Module, labels: list[int], merge_iou: float | None = 0.
         heads.branches = nn.ModuleList()
         heads.base_width = labels[0]
         heads.merge_iou = merge_iou
+    heads.keep, heads.ignore = keep, ignore
     rows = [0, *labels]
-    new = FastRCNNPredictor(predictor.cls_score.in_features, len(rows)).to(predictor.cls_score.weight)
+    new = FastRCNNPredictor(predictor.cls_score.in_features, len(rows) + others).to(predictor.cls_score.weight)
     blocks = torch.tensor([4 * r + k for r in rows for k in range(4)], device=predictor.bbox_pred.weight.device)
     with torch.no_grad():
-        new.cls_score.weight.copy_(predictor.cls_score.weight[rows])
-        new.cls_score.bias.copy_(predictor.cls_score.bias[rows])
-        new.bbox_pred.weight.copy_(predictor.bbox_pred.weight[blocks])
-        new.bbox_pred.bias.copy_(predictor.bbox_pred.bias[blocks])
-    branch = Branch(copy.deepcopy(heads.box_head), new, labels[0])
+        cls_weight, cls_bias = predictor.cls_score.weight, predictor.cls_score.bias
+        box_weight, box_bias = predictor.bbox_pred.weight, predictor.bbox_pred.bias
+        new.cls_score.weight[: len(rows)] = cls_weight[rows]
+        new.cls_score.bias[: len(rows)] = cls_bias[rows]
+        new.bbox_pred.weight[: 4 * len(rows)] = box_weight[blocks]
+        new.bbox_pred.bias[: 4 * len(rows)] = box_bias[blocks]
+        if others:  # a typical old class: the mean of the rows before this branch's labels
+            new.cls_score.weight[-1] = cls_weight[1 : labels[0]].mean(0)
+            new.cls_score.bias[-1] = cls_bias[1 : labels[0]].mean(0)
+            new.bbox_pred.weight[-4:] = box_weight[4 : 4 * labels[0]].view(-1, 4, box_weight.shape[1]).mean(0)
+            new.bbox_pred.bias[-4:] = box_bias[4 : 4 * labels[0]].view(-1, 4).mean(0)
+    branch = Branch(copy.deepcopy(heads.box_head), new, labels[0], others)
     for p in model.parameters():
         p.requires_grad_(False)
     heads.branches.append(branch)
@@ -140,14 +226,17 @@ def branch_layout(model: nn.Module) -> dict | None:
     return {
         "base_width": heads.base_width,
         "merge_iou": heads.merge_iou,
-        "branches": [{"first_label": b.first_label, "num_classes": b.num_classes} for b in heads.branches],
+        "branches": [
+            {"first_label": b.first_label, "num_classes": b.num_classes, "others": b.others} for b in heads.branches
+        ],
     }
 
 
 def restore_branches(model: nn.Module, layout: dict) -> None:
     """Rebuilds the branches ``branch_layout`` described (weights follow with load_state_dict)."""
     for b in layout["branches"]:
-        add_branch(model, list(range(b["first_label"], b["first_label"] + b["num_classes"] - 1)), layout["merge_iou"])
+        labels = list(range(b["first_label"], b["first_label"] + b["num_classes"] - 1))
+        add_branch(model, labels, layout["merge_iou"], others=b.get("others", False))
     model.roi_heads.base_width = layout["base_width"]
 
 
@@ -155,22 +244,3 @@ def _branch_targets(target: dict[str, Tensor], branch: Branch) -> dict[str, Tens
     """The branch's view of a target: its own classes as 1..n; every other box is background to it."""
     own = branch.owns(target["labels"])
     return {**target, "boxes": target["boxes"][own], "labels": target["labels"][own] - branch.first_label + 1}
-
-
-def _merge(sources: list[tuple[Tensor, Tensor, Tensor]], iou: float | None):
-    """Concatenates per-source detections. Across sources, a detection overlapped (IoU >= ``iou``)
-    by higher-scored ones keeps its score times the product of (1 - their scores): the stronger
-    claim on an object wins, and the weaker stays in the list with a score that says how
-    unlikely it is. Sorted by score (stable: the base's order is kept)."""
-    boxes = torch.cat([s[0] for s in sources])
-    scores = torch.cat([s[1] for s in sources])
-    labels = torch.cat([s[2] for s in sources])
-    source = torch.cat([torch.full_like(s[2], k) for k, s in enumerate(sources)])
-    if iou is not None and len(boxes):
-        stronger = (
-            (box_iou(boxes, boxes) >= iou) & (source[:, None] != source[None, :]) & (scores[None, :] > scores[:, None])
-        )
-        doubt = torch.log1p(-scores.clamp(max=1 - 1e-6))[None, :].expand_as(stronger)
-        scores = scores * torch.where(stronger, doubt, torch.zeros_like(doubt)).sum(1).exp()
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return boxes[order], scores[order], labels[order]

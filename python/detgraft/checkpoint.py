@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .branch import branch_layout, restore_branches
+from .branch import ARBITRATION_STATE, branch_layout, restore_branches
 from .card import ModelCard, get_card
 from .loading import build_architecture, torchvision_builder
+
+log = logging.getLogger(__name__)
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -106,7 +109,19 @@ def load_checkpoint(path: str | Path) -> nn.Module:
         _freeze_batchnorm(model, name)
     if meta.get("branches"):
         restore_branches(model, meta["branches"])
-    model.load_state_dict(load_file(str(weights)))
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    uncalibrated = [k for k in missing if k.rpartition(".")[2] in ARBITRATION_STATE]
+    if unexpected or len(uncalibrated) < len(missing):
+        raise RuntimeError(
+            f"{str(weights)!r} does not fit the model {META} describes: "
+            f"missing {sorted(set(missing) - set(uncalibrated))}, unexpected {sorted(unexpected)}"
+        )
+    if uncalibrated:
+        log.warning(
+            "%s was saved before branches kept their arbitration: calibrate it again with detgraft.calibrate(model, "
+            "training examples) (until then old and new detections are merged by score alone)",
+            folder,
+        )
     for name in meta.get("frozen_parameters", []):
         model.get_parameter(name).requires_grad_(False)
     model.detgraft_card = ModelCard.from_json(meta)

@@ -119,15 +119,16 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
     from .extend import ExtendSettings
 
-    types = {"int": int, "float": float, "str": str, "float | None": _float_or_none}
+    types = {"int": int, "float": float, "str": str, "float | None": _float_or_none, "int | None": _int_or_auto}
     for f in fields(ExtendSettings):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
+        shown = "auto" if f.type == "int | None" and default is None else default
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
             parser.add_argument(
-                flag, type=types[f.type], default=default, help=f"{f.metadata['help']} (default {default})"
+                flag, type=types[f.type], default=default, help=f"{f.metadata['help']} (default {shown})"
             )
 
 
@@ -136,6 +137,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, cache=args.cache, quick=args.quick)
     return 0
+
+
+def _int_or_auto(text: str) -> int | None:
+    return None if text.lower() == "auto" else int(text)
 
 
 def _float_or_none(text: str) -> float | None:

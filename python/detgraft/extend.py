@@ -18,7 +18,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode, decode_image
 
+from .arbitration import calibrate
 from .card import get_card
 from .checkpoint import save_checkpoint
 from .evaluate import Dataset
@@ -39,6 +40,7 @@ __all__ = ["ExtendSettings", "TrainingSet", "extend"]
 log = logging.getLogger(__name__)
 
 LAST, STATE = "last", "train_state.pt"
+AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 600
 
 
 def _flag(help: str, **kw: Any) -> Any:
@@ -50,7 +52,11 @@ class ExtendSettings:
     """How ``extend`` trains; each field is the ``detgraft extend`` flag of the same name."""
 
     strategy: str = _flag(f"one of {', '.join(STRATEGIES)}", default="branch")
-    steps: int = _flag("optimizer steps", default=600)
+    steps: int | None = _flag(
+        f"optimizer steps; auto: {AUTO_EPOCHS} passes over the training images, at least {AUTO_MIN_STEPS}, "
+        f"at most {AUTO_MAX_STEPS} (chosen on val: benchmarks/RESULTS.md, section sizes)",
+        default=None,
+    )
     batch_size: int = _flag("images per step", default=8)
     lr: float = _flag("peak learning rate (SGD)", default=0.05)
     momentum: float = _flag("SGD momentum", default=0.9)
@@ -73,7 +79,7 @@ class ExtendSettings:
         if self.init not in INITS:
             raise ValueError(f"init {self.init!r} is unknown: choose one of {', '.join(INITS)}")
         for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
@@ -129,6 +135,12 @@ class TrainingSet:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
             picks.append(self.example(int(order[index]), flips[k]))
         return [p[0] for p in picks], [p[1] for p in picks]
+
+
+def auto_steps(images: int, batch_size: int) -> int:
+    """The budget when ``steps`` is not given: it follows the data (a few images must not get the
+    steps that hundreds need, or the branch learns them by heart)."""
+    return min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, math.ceil(AUTO_EPOCHS * images / batch_size)))
 
 
 def new_class_names(data: Dataset, model: nn.Module) -> list[str]:
@@ -191,9 +203,20 @@ def _extend(model, train, settings, out, val, replay, resume):
     log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))
     by_id = {c["id"]: mapping[c["name"]] for c in train.coco["categories"]}
     data = TrainingSet(train, by_id)
+    boxes_of = torch.bincount(torch.cat([labels for _, _, labels in data.items]), minlength=first + len(names))
+    empty = [n for n, label in mapping.items() if boxes_of[label] == 0]
+    if empty:
+        raise ValueError(
+            f"the training file has no box of {', '.join(map(repr, empty))} (no annotation of positive width and "
+            "height): the model would gain a class that learned nothing. Label some, or remove the category from "
+            "the file"
+        )
     if replay is not None:
         data = data + TrainingSet(replay, _replay_labels(replay, card))
         log.info("replay: %d annotated old-class images mixed in", len(replay.coco["images"]))
+    if settings.steps is None:
+        settings = replace(settings, steps=auto_steps(len(data), settings.batch_size))
+        log.info("%d training images: %d steps of %d (--steps auto)", len(data), settings.steps, settings.batch_size)
     saved = {
         "settings": asdict(settings),
         "train": str(train.images),
@@ -230,11 +253,23 @@ def _extend(model, train, settings, out, val, replay, resume):
 
     losses = _train(model, data, settings, optimizer, scheduler, step, out)
     model.eval()
+    arbitration = None
+    if settings.strategy == "branch":
+        arbitration = calibrate(model, (data.example(i) for i in range(len(data))))
     save_checkpoint(model, out)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "extend.json").write_text(
-        json.dumps({"seconds": round(seconds, 1), "peak_rss_mb": round(peak), "final_losses": losses}, indent=1)
+        json.dumps(
+            {
+                "seconds": round(seconds, 1),
+                "peak_rss_mb": round(peak),
+                "steps": settings.steps,
+                "final_losses": losses,
+                "arbitration": arbitration,
+            },
+            indent=1,
+        )
     )
     log.info("trained in %.0f s (peak memory %.0f MB); checkpoint in %s", seconds, peak, out)
     if val is not None:

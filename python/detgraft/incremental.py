@@ -25,12 +25,12 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .branch import add_branch
 from .card import get_card
 from .distill import add_distillation
+from .teacher import add_teacher_boxes
 
 __all__ = ["STRATEGIES", "freeze_batchnorm", "incremental"]
 
@@ -67,12 +67,14 @@ def incremental(
     keep: float = 0.7,
     ignore: float = 0.3,
     merge_iou: float | None = 0.5,
+    others: bool = True,
 ) -> nn.Module:
     """Prepares a widened detector (``expand_predictor`` first) for fine-tuning with ``strategy``,
     in place; build the optimizer afterwards from the parameters that require grad. The classes
     of the latest ``expand_predictor`` call are the new ones.
 
-    ``keep`` and ``ignore`` are the teacher score thresholds of ``pseudo`` / ``distill``;
+    ``keep`` and ``ignore`` are the teacher score thresholds of ``pseudo`` / ``distill`` and of
+    ``branch``'s ``others`` output (an object the model knew before, learned from its detections);
     ``merge_iou`` is the overlap at which ``branch`` lets the stronger of an old-class and a
     new-class detection win (None: keep both)."""
     if not 0 <= ignore <= keep <= 1:
@@ -95,7 +97,7 @@ def incremental(
         if strategy == "distill":
             add_distillation(model, teacher, min(new_labels))
     if strategy == "branch":
-        add_branch(model, new_labels, merge_iou)
+        add_branch(model, new_labels, merge_iou, others=others, keep=keep, ignore=ignore)
         # the frozen RPN's losses carry no gradient: leave them out of the loss dict
         model.register_forward_hook(_drop_rpn_losses)
     model.detgraft_strategy = strategy
@@ -166,25 +168,13 @@ def _add_pseudo_labels(model: nn.Module, keep: float, ignore: float, first_new: 
         device = images[0].device
         with torch.no_grad():
             detections = teacher.to(device)(images)
-        merged = [_merge(t, d, old.to(device), keep, ignore) for t, d in zip(targets, detections)]
+        old_only = [{k: v[torch.isin(d["labels"], old.to(device))] for k, v in d.items()} for d in detections]
+        merged = [add_teacher_boxes(t, d, keep, ignore) for t, d in zip(targets, old_only)]
         return (images, merged), {}
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     object.__setattr__(model, "detgraft_teacher", teacher)  # reachable, but not a submodule: not trained or saved
     return teacher
-
-
-def _merge(target: dict[str, Tensor], d: dict[str, Tensor], old: Tensor, keep: float, ignore: float):
-    boxes, labels = target["boxes"], target["labels"]
-    take = (d["scores"] >= ignore) & torch.isin(d["labels"], old)
-    if len(boxes):
-        take &= ~(box_iou(d["boxes"], boxes.to(d["boxes"]).reshape(-1, 4)) >= 0.5).any(1)
-    pseudo_labels = torch.where(d["scores"][take] >= keep, d["labels"][take], torch.full_like(d["labels"][take], -1))
-    return {
-        **target,
-        "boxes": torch.cat([boxes.to(d["boxes"]).reshape(-1, 4), d["boxes"][take]]),
-        "labels": torch.cat([labels.to(pseudo_labels), pseudo_labels]),
-    }
 
 
 def _zero_rows(grad: Tensor, rows: int) -> Tensor:

@@ -1,0 +1,212 @@
+"""The default strategy at every data size: 10, 30, 50 and all images per new class, and step 2.
+
+    python benchmarks/sizes.py --bench ../shared/bench --data $DATA --runs $RUNS
+
+A few-data size is three fixed draws from ``new_train`` (draw d: the images in an order shuffled
+with seed d, taken until each new class has appeared in K of them). Every training run is
+``detgraft extend`` with its default settings (``--steps auto``, arbitration calibrated on the
+training images) in its own process; its seconds (loading, training, calibration, checkpoint) and
+peak RSS come from that process. Step 2 adds duck, turtle and penguin (``step2_train``) to the
+all-data model. Everything is scored on ``test``: old- and new-class AP, and old-on-new, the new
+objects (chicken and frog; for step 2 duck, turtle and penguin) on which an old class fires
+(score >= 0.5, IoU >= 0.5). Draw 0 of each size is scored a second time with the merge off
+(``merge_iou`` None: the base's detections as they are). Writes ``sizes`` and ``step2.branch`` into
+``benchmarks/results.json`` and the ``sizes`` section of ``benchmarks/RESULTS.md``. Finished
+runs in ``--runs`` are reused (delete a folder to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _results import write_section  # noqa: E402
+
+import detgraft  # noqa: E402
+from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
+
+HERE = Path(__file__).parent
+SIZES = (10, 30, 50)
+DRAWS = (0, 1, 2)
+STEP1, STEP2 = ("chicken", "frog"), ("duck", "turtle", "penguin")
+
+
+def draw(data: Path, per_class: int, seed: int) -> Path:
+    """``new_train`` images in a seeded order, taken until each class has appeared in ``per_class``."""
+    coco = json.loads((data / "new_train.json").read_text())
+    classes_in: dict[int, set] = {}
+    for a in coco["annotations"]:
+        classes_in.setdefault(a["image_id"], set()).add(a["category_id"])
+    counts = {c["id"]: 0 for c in coco["categories"]}
+    images = sorted(coco["images"], key=lambda im: im["id"])
+    random.Random(seed).shuffle(images)
+    keep = set()
+    for im in images:
+        have = classes_in.get(im["id"], set())
+        if any(counts[c] < per_class for c in have):
+            keep.add(im["id"])
+            for c in have:
+                counts[c] += 1
+    path = data / f"new_train_{per_class}_draw{seed}.json"
+    path.write_text(
+        json.dumps(
+            {
+                **coco,
+                "images": [im for im in coco["images"] if im["id"] in keep],
+                "annotations": [a for a in coco["annotations"] if a["image_id"] in keep],
+            }
+        )
+    )
+    return path
+
+
+def train(args, out: Path, train_file: Path, base: list[str]) -> dict:
+    """Runs ``detgraft extend`` with its defaults unless ``out`` holds its result; returns extend.json."""
+    cmd = [sys.executable, "-m", "detgraft", "extend", *base, "--train", str(train_file)]
+    cmd += ["--images", str(args.data / "images"), "--out", str(out)]
+    if not (out / "extend.json").is_file():
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads((out / "extend.json").read_text()) | {"command": shown(args, cmd)}
+
+
+def shown(args, cmd: list[str]) -> str:
+    """The command with paths a reader can paste: the bench relative to the repository, $DATA, $RUNS."""
+    text = " ".join("python" if c == sys.executable else c for c in cmd)
+    return (
+        text.replace(str(args.bench), "../shared/bench")
+        .replace(str(args.data), "$DATA")
+        .replace(str(args.runs), "$RUNS")
+    )
+
+
+def score(model, test, objects: tuple[str, ...]) -> dict:
+    ev = evaluate(model, test, detections=detect(model, test))
+    new_labels = set(detgraft.get_card(model).new_labels)
+    mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
+    row = {
+        "old_ap": mean([c.ap for c in ev.classes if c.label not in new_labels and c.name not in STEP1]),
+        "new_ap": mean([c.ap for c in ev.classes if c.label in new_labels]),
+        "old_on_new": sum(c.count for c in ev.confusions if c.new_class in objects),
+    }
+    if objects == STEP2:
+        row["step1_ap"] = mean([c.ap for c in ev.classes if c.name in STEP1])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", type=Path, default=Path("../shared/bench"))
+    parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
+    parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
+    parser.add_argument("--from-results", action="store_true", help="only write RESULTS.md's section from results.json")
+    args = parser.parse_args()
+    args.bench, args.data, args.runs = args.bench.resolve(), args.data.resolve(), args.runs.resolve()
+    results = json.loads((HERE / "results.json").read_text())
+    if args.from_results:
+        return write_section("sizes", table(results))
+    b = args.bench
+    base_args = [
+        "--base",
+        f"{b}/base_model.py:build",
+        "--weights",
+        f"{b}/base.safetensors",
+        "--classes",
+        f"{b}/base.json",
+    ]
+    runs = {}
+    for k in SIZES:
+        for d in DRAWS:
+            runs[(str(k), d)] = train(args, args.runs / f"k{k}-draw{d}", draw(args.data, k, d), base_args)
+    runs[("all", 0)] = train(args, args.runs / "all", args.data / "new_train.json", base_args)
+    step2 = train(args, args.runs / "step2", args.data / "step2_train.json", ["--base", str(args.runs / "all")])
+
+    test = load_dataset(args.data / "test.json", args.data / "images")
+    base = detgraft.load_model(f"{b}/base_model.py:build", b / "base.safetensors", b / "base.json")
+    base_eval = evaluate(base, test, detections=detect(base, test))
+    sizes: dict = {}
+    for (k, d), run in runs.items():
+        print("scoring", k, d, flush=True)
+        folder = args.runs / ("all" if k == "all" else f"k{k}-draw{d}")
+        model = detgraft.load_model(folder)
+        row = sizes.setdefault(
+            k, {"old_ap": [], "new_ap": [], "old_on_new": [], "seconds": [], "steps": [], "commands": []}
+        )
+        for key, value in score(model, test, STEP1).items():
+            row[key].append(value)
+        row["seconds"].append(run["seconds"])
+        row["steps"].append(run["steps"])
+        row["peak_rss_mb"] = max(row.get("peak_rss_mb", 0), run["peak_rss_mb"])
+        row["commands"].append(run["command"])
+        if d == 0:
+            model.roi_heads.merge_iou = None
+            row["merge_off"] = score(model, test, STEP1)
+    model = detgraft.load_model(args.runs / "step2")
+    print("scoring step 2", flush=True)
+    step2_row = score(model, test, STEP2) | {k: step2[k] for k in ("seconds", "peak_rss_mb", "steps", "command")}
+    model.roi_heads.merge_iou = None
+    step2_row["merge_off"] = score(model, test, STEP2)
+    results["sizes"] = sizes | {
+        "base_old_ap": round(base_eval.groups["old"]["ap"], 4),
+        "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in STEP1),
+        "base_old_on_new_step2": sum(c.count for c in base_eval.confusions if c.new_class in STEP2),
+    }
+    results["step2"]["branch"] = results["step2"].get("branch", {}) | step2_row
+    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    write_section("sizes", table(results))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    s = results["sizes"]
+    base_ap, base_on = s["base_old_ap"], s["base_old_on_new"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    spread = lambda xs: f"{mean(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+    lines = [
+        "## The default (`branch`) at every data size, EmojiCOCO test",
+        "",
+        "Command: `python benchmarks/sizes.py --bench ../shared/bench --data $DATA --runs $RUNS` ($DATA: "
+        "`../shared/bench/emojicoco.py --out $DATA`). Each training row is `detgraft extend` with its defaults "
+        "(`--steps auto`, arbitration calibrated on the training images), in its own process on this 2-core "
+        "machine; 10/30/50 images per class: mean over 3 fixed draws of `new_train` (range in brackets). Base: "
+        f"old-class AP {base_ap:.3f}; old classes fire on {base_on} chicken/frog objects. Merge off: draw 0's model "
+        "with `merge_iou` None (the base's detections untouched, its false alarms included).",
+        "",
+        "| images per class | old AP x base | new AP | old-on-new (cut) | steps | train s | peak RSS MB "
+        "| merge off (draw 0): old x base / new AP / old-on-new |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k in (*map(str, SIZES), "all"):
+        r = s[k]
+        off = r["merge_off"]
+        ratio = [a / base_ap for a in r["old_ap"]]
+        on = mean(r["old_on_new"])
+        lines.append(
+            f"| {k} | {spread(ratio)} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.0%}) | "
+            f"{'/'.join(map(str, sorted(set(r['steps']))))} | {spread(r['seconds']).replace('.000', '')} | "
+            f"{r['peak_rss_mb']} | {off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
+        )
+    lines += ["", "Commands, in the order of the rows:", ""]
+    lines += [f"- `{c}`" for k in (*map(str, SIZES), "all") for c in s[k]["commands"]]
+    st = results["step2"]["branch"]
+    base2, off2 = s["base_old_on_new_step2"], st["merge_off"]
+    lines += [
+        "",
+        "| step 2 (duck, turtle, penguin on the all-data model) | old x base | step-1 AP | step-2 AP | old-on-new "
+        "(cut) | train s | merge off: old x base / step-2 AP / old-on-new | command |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| branch | {st['old_ap'] / base_ap:.3f} | {st['step1_ap']:.3f} | {st['new_ap']:.3f} | {st['old_on_new']} "
+        f"({1 - st['old_on_new'] / max(base2, 1):.0%} of the base's {base2}) | {st['seconds']:.0f} | "
+        f"{off2['old_ap'] / base_ap:.3f} / {off2['new_ap']:.3f} / {off2['old_on_new']} "
+        f"| `{st['command']}` |",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
