@@ -9,9 +9,10 @@ package's own ``detgraft.arbitration.arbitrate`` is then replayed on them with e
 
 - merge off: the base's detections untouched; score only: the stronger claim wins (the merge
   before this arbitration, and what an uncalibrated branch does);
-- the default (prototype calibration with ALPHA 0.7, ``look_alike`` and ``at_least`` learned from the
-  training images), and the default with ALPHA 1.0 or 0.5, without the ``at_least`` gate, without
-  ``look_alike``, or with ``look_alike`` raised by 0.01 / 0.02.
+- the default (prototype calibration with alpha = n / (n + 7) for n labelled boxes of the class,
+  ``look_alike`` and ``at_least`` learned from the training images), and the default with alpha
+  1.0 (no prototype calibration), 0.7 or 0.5 for every class, without the ``at_least`` gate,
+  without ``look_alike``, or with ``look_alike`` raised by 0.01 / 0.02.
 
 Scores: old-class AP (x the base's on val), new-class AP, old-on-new (chicken/frog objects on
 which an old class fires, score >= 0.5, IoU >= 0.5). Writes the ``arbitration`` section of
@@ -65,19 +66,15 @@ def replay(model, data, seen, variant: dict) -> dict:
         prototypes=b.prototypes,
         at_least=variant.get("at_least", b.at_least),
         look_alike=variant.get("look_alike", b.look_alike),
+        alpha=torch.full_like(b.alpha, variant["alpha"]) if "alpha" in variant else b.alpha,
     )
-    saved_alpha = arbitration.ALPHA
-    arbitration.ALPHA = variant.get("alpha", saved_alpha)
-    try:
-        detections = {}
-        for im, (sources, features) in zip(data.coco["images"], seen):
-            iou = None if variant.get("off") else heads.merge_iou
-            feats = None if variant.get("score_only") else features
-            boxes, scores, labels = arbitration.arbitrate(sources, [fake], iou, feats)
-            n = heads.detections_per_img
-            detections[im["id"]] = {"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]}
-    finally:
-        arbitration.ALPHA = saved_alpha
+    detections = {}
+    for im, (sources, features) in zip(data.coco["images"], seen):
+        iou = None if variant.get("off") else heads.merge_iou
+        feats = None if variant.get("score_only") else features
+        boxes, scores, labels = arbitration.arbitrate(sources, [fake], iou, feats)
+        n = heads.detections_per_img
+        detections[im["id"]] = {"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]}
     ev = evaluate(model, data, detections=detections)
     return {
         "old_ap": round(ev.groups["old"]["ap"], 4),
@@ -91,8 +88,9 @@ def variants(b) -> dict[str, dict]:
         "merge off": {"off": True},
         "score only (stronger claim wins)": {"score_only": True},
         "default": {},
-        "ALPHA 1.0 (no prototype calibration)": {"alpha": 1.0},
-        "ALPHA 0.5": {"alpha": 0.5},
+        "alpha 1.0 (no prototype calibration)": {"alpha": 1.0},
+        "alpha 0.7": {"alpha": 0.7},
+        "alpha 0.5": {"alpha": 0.5},
         "no at_least gate": {"at_least": torch.tensor(-1.0)},
         "no look_alike": {"look_alike": torch.tensor(2.0)},
         "look_alike + 0.01": {"look_alike": b.look_alike + 0.01},
@@ -151,7 +149,8 @@ def table(res: dict) -> str:
     for s in sizes:
         a = res["models"][s]["learned"]
         lines.append(
-            f"- {s}: {a['look_alike']:.3f} / {a['at_least']:.3f}; {a['new_boxes']} new, {a['old_objects']} old; "
+            f"- {s}: {a['look_alike']:.3f} / {a['at_least']:.3f}; alpha {a['alpha']}; {a['new_boxes']} new, "
+            f"{a['old_objects']} old; "
             f"similarity quantiles 5-100% new {a['new_similarity']}, old {a['old_similarity']}"
         )
     return "\n".join(lines)

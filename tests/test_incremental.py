@@ -220,11 +220,16 @@ def test_uncalibrated_merge_lets_the_stronger_claim_win():
 def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
     from types import SimpleNamespace
 
-    from detgraft.arbitration import ALPHA, arbitrate
+    from detgraft.arbitration import arbitrate
 
     chicken = torch.tensor([[1.0, 0.0]])  # the prototype of label 6 in the base's feature space
+    alpha = 0.7  # the weight of the branch's own score
     branch = SimpleNamespace(
-        first_label=6, prototypes=chicken, at_least=torch.tensor(0.7), look_alike=torch.tensor(0.9)
+        first_label=6,
+        prototypes=chicken,
+        alpha=torch.tensor([alpha]),
+        at_least=torch.tensor(0.7),
+        look_alike=torch.tensor(0.9),
     )
     box = lambda x: [x, 0.0, x + 10, 10]  # noqa: E731
     # base: a bird that looks like a chicken (0), a pizza that does not (1), a bird far from any
@@ -245,7 +250,7 @@ def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
     )
     boxes, scores, labels = arbitrate([old, new], [branch], 0.5, features)
     got = {(int(b[0]), int(label)): float(s) for b, s, label in zip(boxes, scores, labels)}
-    calibrated = [ALPHA * s + (1 - ALPHA) * sim for s, sim in ((0.8, 1.0), (0.99, 0.6), (0.9, 1.0), (0.9, 1.0))]
+    calibrated = [alpha * s + (1 - alpha) * sim for s, sim in ((0.8, 1.0), (0.99, 0.6), (0.9, 1.0), (0.9, 1.0))]
     # looks like a chicken beyond any old object (cos 1 >= 0.9): lowered although it scored higher
     assert got[(0, 2)] == pytest.approx(0.9 * (1 - calibrated[0]))
     assert got[(0, 6)] == pytest.approx(calibrated[0])

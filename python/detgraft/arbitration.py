@@ -15,8 +15,10 @@ the training images only:
 At inference (``arbitrate``), with f the base feature at a detection's box and P the prototype of
 a new detection's class:
 
-1. a new-class score s becomes ``ALPHA * s + (1 - ALPHA) * max(cos(f, P), 0)`` (DeFRCN's prototype
-   calibration), so the branch's score and its resemblance to what the user labelled agree;
+1. a new-class score s becomes ``alpha * s + (1 - alpha) * max(cos(f, P), 0)`` (DeFRCN's prototype
+   calibration), so the branch's score and its resemblance to what the user labelled agree. The
+   branch's own score weighs more the more boxes of the class it learned from: alpha = n / (n +
+   ``PRIOR_BOXES``) for n labelled boxes (0.7 for 16 boxes, 0.99 for 500);
 2. where an older detection (the base's, or an earlier branch's) and a newer one overlap with
    IoU >= ``iou``, the older one is lowered (score times 1 - the newer one's score) only if its
    box looks like the newer one's class, cos >= ``at_least``, and the newer one either scores
@@ -40,11 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-__all__ = ["ALPHA", "KEEPER_SCORE", "arbitrate", "calibrate"]
+__all__ = ["KEEPER_SCORE", "PRIOR_BOXES", "arbitrate", "calibrate"]
 
 log = logging.getLogger(__name__)
 
-ALPHA = 0.7  # weight of the branch's own score against prototype similarity (chosen on val)
+PRIOR_BOXES = 7  # alpha = n / (n + PRIOR_BOXES): 0.7 at 10 images per class (~16 boxes), as chosen on val
 KEEPER_SCORE = 0.5  # a detection of the model before the branch this confident is an old object
 NEW_QUANTILE = 0.05  # at_least: the share of labelled new objects allowed below it
 
@@ -102,7 +104,9 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
     median_new = own_similarity.median().item()
     look_alike = max((keepers @ prototypes.T).max().item(), median_new) if len(keepers) else 1.0
     at_least = torch.quantile(own_similarity, NEW_QUANTILE).item()
-    branch.set_arbitration(prototypes, look_alike=look_alike, at_least=at_least)
+    boxes = torch.bincount(labels, minlength=num_new).to(feats)
+    alpha = boxes / (boxes + PRIOR_BOXES)
+    branch.set_arbitration(prototypes, alpha, look_alike=look_alike, at_least=at_least)
     model.train(was_training)
     quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
     old_similarity = (keepers @ prototypes.T).max(1).values
@@ -111,7 +115,7 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
         "old_objects": len(keepers),
         "look_alike": round(look_alike, 4),
         "at_least": round(at_least, 4),
-        "alpha": ALPHA,
+        "alpha": [round(a, 3) for a in alpha.tolist()],
         # how far apart the two are: similarity to the new prototypes at the quantiles 5/25/50/75/95/100%
         "new_similarity": [round(v, 3) for v in torch.quantile(own_similarity.cpu(), quantiles).tolist()],
         "old_similarity": [round(v, 3) for v in torch.quantile(old_similarity.cpu(), quantiles).tolist()]
@@ -172,10 +176,12 @@ def _calibrated(boxes, scores, labels, source, branches, iou, features):
         mine = source == k
         if not mine.any():
             continue
-        claim_prototype[mine] = branch.prototypes[labels[mine] - branch.first_label]
+        index = labels[mine] - branch.first_label
+        claim_prototype[mine] = branch.prototypes[index]
         at_least[mine], look_alike[mine] = branch.at_least, branch.look_alike
         similarity = (features[mine] * claim_prototype[mine]).sum(1).clamp(min=0)
-        scores[mine] = ALPHA * scores[mine] + (1 - ALPHA) * similarity
+        alpha = branch.alpha[index]
+        scores[mine] = alpha * scores[mine] + (1 - alpha) * similarity
     overlap = (box_iou(boxes, boxes) >= iou) & (source[:, None] != source[None, :])
     older = source[:, None] < source[None, :]  # i is older than j
     resembles = features @ claim_prototype.T  # [i, j]: i's box against j's class

@@ -35,7 +35,7 @@ __all__ = ["Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
 
 log = logging.getLogger(__name__)
 
-ARBITRATION_STATE = ("prototypes", "look_alike", "at_least", "calibrated")  # each branch's buffers
+ARBITRATION_STATE = ("prototypes", "alpha", "look_alike", "at_least", "calibrated")  # each branch's buffers
 
 
 class Branch(nn.Module):
@@ -55,13 +55,15 @@ class Branch(nn.Module):
         # the arbitration's state (detgraft.arbitration.calibrate): saved with the weights
         width = box_predictor.cls_score.in_features
         self.register_buffer("prototypes", box_predictor.cls_score.weight.new_zeros(self.num_classes - 1, width))
+        self.register_buffer("alpha", box_predictor.cls_score.weight.new_ones(self.num_classes - 1))
         self.register_buffer("look_alike", box_predictor.cls_score.weight.new_ones(()))
         self.register_buffer("at_least", box_predictor.cls_score.weight.new_ones(()))
         self.register_buffer("calibrated", torch.tensor(False, device=box_predictor.cls_score.weight.device))
 
-    def set_arbitration(self, prototypes: Tensor, look_alike: float, at_least: float) -> None:
+    def set_arbitration(self, prototypes: Tensor, alpha: Tensor, look_alike: float, at_least: float) -> None:
         with torch.no_grad():
             self.prototypes.copy_(prototypes)
+            self.alpha.copy_(alpha)
             self.look_alike.fill_(look_alike)
             self.at_least.fill_(at_least)
             self.calibrated.fill_(True)
