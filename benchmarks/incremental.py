@@ -204,6 +204,19 @@ def scores(model, base, test: Dataset) -> dict:
     return row
 
 
+def relative(command: str) -> str:
+    """A recorded command as a reader can paste it: the bench relative to the repository, $DATA, $RUNS."""
+    places = (
+        ("/work/main/benchmarks/", "benchmarks/"),
+        ("/work/shared/bench", "../shared/bench"),
+        ("/tmp/emojicoco", "$DATA"),
+        ("/tmp/detgraft-bench", "$RUNS"),
+    )
+    for path, name in places:
+        command = command.replace(path, name)
+    return command
+
+
 def confusion_total(confusions: dict, objects: tuple[str, ...]) -> int:
     return sum(n for k, n in confusions.items() if k.split("->")[0] in objects)
 
@@ -331,7 +344,7 @@ def table(res: dict, args) -> str:
     lines = [
         "## Adding chicken and frog to the EmojiCOCO base (test split)",
         "",
-        "Command: `python benchmarks/incremental.py --bench ../shared/bench --data /tmp/emojicoco` (batches of 8 "
+        "Command: `python benchmarks/incremental.py --bench ../shared/bench --data $DATA --runs $RUNS` (batches of 8 "
         "images; every training row ran as the command beside it, in its own process, on this 2-core machine; peak "
         "RSS of that process; seconds include loading and the final checkpoint). Base: old-class AP "
         f"{base['old_ap']:.3f}, AP50 {base['old_ap50']:.3f}; old classes fired on chicken/frog objects: "
@@ -349,9 +362,16 @@ def table(res: dict, args) -> str:
             f"{row['new_ap50']:.3f} | {row['all_ap']:.3f} | {conf} ({conf / max(base_conf, 1):.2f}) | "
             f"{row['latency_ratio']:.2f} | {row['steps']} | {row['seconds']:.0f} | "
             f"{row['peak_rss_mb']} | "
-            f"`{row['command']}` |"
+            f"`{relative(row['command'])}` |"
         )
-    lines += ["", "How label-free `detgraft drift` ranks these models: section `drift` (`benchmarks/drift.py`)."]
+    lines += [
+        "",
+        "The `branch` rows of this table were measured before the arbitration (`detgraft.calibrate`) and "
+        "`--steps auto`; the current default at every data size, and the step-2 `branch` row below, come from "
+        "`benchmarks/sizes.py` (section `sizes`).",
+        "",
+        "How label-free `detgraft drift` ranks these models: section `drift` (`benchmarks/drift.py`).",
+    ]
     lines += [
         "",
         f"Oracle learning rate chosen on val (all-class AP): {res['oracle_val_all_ap']}.",
@@ -364,7 +384,7 @@ def table(res: dict, args) -> str:
         lines.append(
             f"| {name} | {row['old_ap']:.3f} | {row['step1_ap']:.3f} | {row['new_ap']:.3f} | {row['new_ap50']:.3f} | "
             f"{row['latency_ratio']:.2f} | {row['steps']} | {row['seconds']:.0f} | {row['peak_rss_mb']} | "
-            f"`{row['command']}` |"
+            f"`{relative(row['command'])}` |"
         )
     return "\n".join(lines)
 

@@ -99,6 +99,21 @@ def score(model, test, objects: tuple[str, ...]) -> dict:
     return row
 
 
+def scored(folder: Path, test, objects: tuple[str, ...], merge_off: bool) -> dict:
+    """``score`` of the model in ``folder`` (and with the merge off), kept in ``folder/test_scores.json``
+    for the weights it was computed on (their SHA-256 in detgraft.json)."""
+    cache, sha = folder / "test_scores.json", json.loads((folder / "detgraft.json").read_text())["weights_sha256"]
+    if cache.is_file() and json.loads(cache.read_text())["weights_sha256"] == sha:
+        return json.loads(cache.read_text())["scores"]
+    model = detgraft.load_model(folder)
+    row = score(model, test, objects)
+    if merge_off:
+        model.roi_heads.merge_iou = None
+        row["merge_off"] = score(model, test, objects)
+    cache.write_text(json.dumps({"weights_sha256": sha, "scores": row}))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", type=Path, default=Path("../shared/bench"))
@@ -133,24 +148,21 @@ def main() -> None:
     for (k, d), run in runs.items():
         print("scoring", k, d, flush=True)
         folder = args.runs / ("all" if k == "all" else f"k{k}-draw{d}")
-        model = detgraft.load_model(folder)
         row = sizes.setdefault(
             k, {"old_ap": [], "new_ap": [], "old_on_new": [], "seconds": [], "steps": [], "commands": []}
         )
-        for key, value in score(model, test, STEP1).items():
-            row[key].append(value)
+        got = scored(folder, test, STEP1, merge_off=d == 0)
+        for key in ("old_ap", "new_ap", "old_on_new"):
+            row[key].append(got[key])
+        if d == 0:
+            row["merge_off"] = got["merge_off"]
         row["seconds"].append(run["seconds"])
         row["steps"].append(run["steps"])
         row["peak_rss_mb"] = max(row.get("peak_rss_mb", 0), run["peak_rss_mb"])
         row["commands"].append(run["command"])
-        if d == 0:
-            model.roi_heads.merge_iou = None
-            row["merge_off"] = score(model, test, STEP1)
-    model = detgraft.load_model(args.runs / "step2")
     print("scoring step 2", flush=True)
-    step2_row = score(model, test, STEP2) | {k: step2[k] for k in ("seconds", "peak_rss_mb", "steps", "command")}
-    model.roi_heads.merge_iou = None
-    step2_row["merge_off"] = score(model, test, STEP2)
+    step2_row = scored(args.runs / "step2", test, STEP2, merge_off=True)
+    step2_row |= {k: step2[k] for k in ("seconds", "peak_rss_mb", "steps", "command")}
     results["sizes"] = sizes | {
         "base_old_ap": round(base_eval.groups["old"]["ap"], 4),
         "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in STEP1),
@@ -166,7 +178,7 @@ def table(results: dict) -> str:
     s = results["sizes"]
     base_ap, base_on = s["base_old_ap"], s["base_old_on_new"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    spread = lambda xs: f"{mean(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+    spread = lambda xs, f=".3f": f"{mean(xs):{f}} ({min(xs):{f}}-{max(xs):{f}})" if len(xs) > 1 else f"{xs[0]:{f}}"  # noqa: E731
     lines = [
         "## The default (`branch`) at every data size, EmojiCOCO test",
         "",
@@ -188,7 +200,7 @@ def table(results: dict) -> str:
         on = mean(r["old_on_new"])
         lines.append(
             f"| {k} | {spread(ratio)} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.0%}) | "
-            f"{'/'.join(map(str, sorted(set(r['steps']))))} | {spread(r['seconds']).replace('.000', '')} | "
+            f"{'/'.join(map(str, sorted(set(r['steps']))))} | {spread(r['seconds'], '.0f')} | "
             f"{r['peak_rss_mb']} | {off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
         )
     lines += ["", "Commands, in the order of the rows:", ""]

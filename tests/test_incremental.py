@@ -325,7 +325,7 @@ def test_branch_others_learns_the_teachers_boxes_and_is_never_detected(monkeypat
         return original(target, detections, keep, ignore, label)
 
     monkeypatch.setattr(branch_module, "add_teacher_boxes", spy)
-    heads.score_thresh = 0.0  # the untrained tiny base: let its detections through to be taught
+    heads.keep, heads.ignore = 0.0, 0.0  # the untrained tiny base scores low: let its detections teach
     train(model, steps=1, losses={"loss_classifier", "loss_box_reg"})
     assert len(seen) == 2 and all(label == 3 for _, label in seen)  # others = the branch's index 3
     assert all(len(d["boxes"]) and (d["labels"] < 6).all() for d, _ in seen)  # the base's classes only

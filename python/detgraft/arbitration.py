@@ -79,7 +79,7 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
         if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
             features = OrderedDict([("0", features)])
         proposals, _ = model.rpn(image_list, features)
-        before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch)
+        before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
         own_boxes, keepers = [], []
         for t, d in zip(targets, before):
             own = branch.owns(t["labels"])

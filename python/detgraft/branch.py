@@ -104,7 +104,7 @@ class BranchRoIHeads(RoIHeads):
             targets = [_branch_targets(t, branch) for t in targets]
             if branch.others:
                 with torch.no_grad():
-                    taught = self._teacher_detections(features, proposals, image_shapes, branch)
+                    taught = self._teacher_detections(features, proposals, image_shapes, branch, self.ignore)
                 others = branch.num_classes
                 targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
             proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -150,14 +150,22 @@ class BranchRoIHeads(RoIHeads):
         boxes, scores, labels = self.postprocess_detections(*branch(pooled), proposals, image_shapes)
         return boxes, scores, [label + branch.first_label - 1 for label in labels]
 
-    def _teacher_detections(self, features, proposals, image_shapes, branch: Branch) -> list[dict[str, Tensor]]:
+    def _teacher_detections(
+        self, features, proposals, image_shapes, branch: Branch, score: float
+    ) -> list[dict[str, Tensor]]:
         """What the model detected before ``branch`` was added (the base and the earlier
-        branches, unmerged) on the training proposals: the ``teacher`` of its ``others`` output."""
+        branches, unmerged) on ``proposals``, scoring above ``score``: the ``teacher`` of its
+        ``others`` output. Postprocessed at that score, not the usual 0.05: the same detections
+        above it, without the per-class NMS over thousands of boxes that nobody uses."""
         pooled = self.box_roi_pool(features, proposals, image_shapes)
-        sources = [self._base_detections(pooled, proposals, image_shapes)]
-        sources += [
-            self._branch_detections(b, pooled, proposals, image_shapes) for b in self.branches if b is not branch
-        ]
+        usual, self.score_thresh = self.score_thresh, score
+        try:
+            sources = [self._base_detections(pooled, proposals, image_shapes)]
+            sources += [
+                self._branch_detections(b, pooled, proposals, image_shapes) for b in self.branches if b is not branch
+            ]
+        finally:
+            self.score_thresh = usual
         return [
             {k: torch.cat([s[j][i] for s in sources]) for j, k in enumerate(("boxes", "scores", "labels"))}
             for i in range(len(proposals))
