@@ -65,6 +65,13 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
     branch = heads.branches[-1]
     was_training = model.training
     model.eval()
+    try:
+        return _calibrate(model, heads, branch, examples, batch)
+    finally:
+        model.train(was_training)
+
+
+def _calibrate(model: nn.Module, heads, branch, examples, batch: int) -> dict:
     device = next(model.parameters()).device
     new_feats: list[Tensor] = []
     new_labels: list[Tensor] = []
@@ -101,15 +108,14 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
     prototypes = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(num_new)]), dim=1)
     own_similarity = (feats * prototypes[labels]).sum(1)
     keepers = torch.cat(keeper_feats)
+    old_similarity = (keepers @ prototypes.T).max(1).values
     median_new = own_similarity.median().item()
-    look_alike = max((keepers @ prototypes.T).max().item(), median_new) if len(keepers) else 1.0
+    look_alike = max(old_similarity.max().item(), median_new) if len(keepers) else 1.0
     at_least = torch.quantile(own_similarity, NEW_QUANTILE).item()
     boxes = torch.bincount(labels, minlength=num_new).to(feats)
     alpha = boxes / (boxes + PRIOR_BOXES)
     branch.set_arbitration(prototypes, alpha, look_alike=look_alike, at_least=at_least)
-    model.train(was_training)
     quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
-    old_similarity = (keepers @ prototypes.T).max(1).values
     learned = {
         "new_boxes": len(feats),
         "old_objects": len(keepers),
@@ -160,9 +166,14 @@ def arbitrate(sources: list[tuple[Tensor, Tensor, Tensor]], branches, iou: float
     return boxes[order], scores[order], labels[order]
 
 
+def _overlap(boxes: Tensor, source: Tensor, iou: float) -> Tensor:
+    """overlap[i, j]: i and j come from different sources and overlap with IoU >= ``iou``."""
+    return (box_iou(boxes, boxes) >= iou) & (source[:, None] != source[None, :])
+
+
 def _stronger(boxes: Tensor, scores: Tensor, source: Tensor, iou: float) -> Tensor:
     """lowers[i, j]: j, of another source, overlaps i and scores higher."""
-    return (box_iou(boxes, boxes) >= iou) & (source[:, None] != source[None, :]) & (scores[None, :] > scores[:, None])
+    return _overlap(boxes, source, iou) & (scores[None, :] > scores[:, None])
 
 
 def _calibrated(boxes, scores, labels, source, branches, iou, features):
@@ -182,7 +193,7 @@ def _calibrated(boxes, scores, labels, source, branches, iou, features):
         similarity = (features[mine] * claim_prototype[mine]).sum(1).clamp(min=0)
         alpha = branch.alpha[index]
         scores[mine] = alpha * scores[mine] + (1 - alpha) * similarity
-    overlap = (box_iou(boxes, boxes) >= iou) & (source[:, None] != source[None, :])
+    overlap = _overlap(boxes, source, iou)
     older = source[:, None] < source[None, :]  # i is older than j
     resembles = features @ claim_prototype.T  # [i, j]: i's box against j's class
     stronger = scores[None, :] > scores[:, None]

@@ -114,9 +114,7 @@ class BranchRoIHeads(RoIHeads):
             return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
         pooled = self.box_roi_pool(features, proposals, image_shapes)
-        per_source = [self._base_detections(pooled, proposals, image_shapes)]
-        for branch in self.branches:
-            per_source.append(self._branch_detections(branch, pooled, proposals, image_shapes))
+        per_source = self._per_source(pooled, proposals, image_shapes, self.branches)
         per_image = [[(s[0][i], s[1][i], s[2][i]) for s in per_source] for i in range(len(proposals))]
         features_at = [None] * len(proposals)
         if self.merge_iou is not None and all(bool(b.calibrated) for b in self.branches):
@@ -146,9 +144,13 @@ class BranchRoIHeads(RoIHeads):
         regression = F.linear(x, predictor.bbox_pred.weight[: 4 * width], predictor.bbox_pred.bias[: 4 * width])
         return self.postprocess_detections(logits, regression, proposals, image_shapes)
 
-    def _branch_detections(self, branch: Branch, pooled: Tensor, proposals, image_shapes):
-        boxes, scores, labels = self.postprocess_detections(*branch(pooled), proposals, image_shapes)
-        return boxes, scores, [label + branch.first_label - 1 for label in labels]
+    def _per_source(self, pooled: Tensor, proposals, image_shapes, branches) -> list:
+        """(boxes, scores, labels), each a list over images, of the base and of each of ``branches``."""
+        sources = [self._base_detections(pooled, proposals, image_shapes)]
+        for branch in branches:
+            boxes, scores, labels = self.postprocess_detections(*branch(pooled), proposals, image_shapes)
+            sources.append((boxes, scores, [label + branch.first_label - 1 for label in labels]))
+        return sources
 
     def _teacher_detections(
         self, features, proposals, image_shapes, branch: Branch, score: float
@@ -160,10 +162,8 @@ class BranchRoIHeads(RoIHeads):
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         usual, self.score_thresh = self.score_thresh, score
         try:
-            sources = [self._base_detections(pooled, proposals, image_shapes)]
-            sources += [
-                self._branch_detections(b, pooled, proposals, image_shapes) for b in self.branches if b is not branch
-            ]
+            earlier = [b for b in self.branches if b is not branch]
+            sources = self._per_source(pooled, proposals, image_shapes, earlier)
         finally:
             self.score_thresh = usual
         return [
