@@ -65,10 +65,11 @@ def draw(data: Path, per_class: int, seed: int) -> Path:
     return path
 
 
-def train(args, out: Path, train_file: Path, base: list[str]) -> dict:
-    """Runs ``detgraft extend`` with its defaults unless ``out`` holds its result; returns extend.json."""
+def train(args, out: Path, train_file: Path, base: list[str], extra: tuple[str, ...] = ()) -> dict:
+    """Runs ``detgraft extend`` with its defaults (and ``extra`` flags) unless ``out`` holds its
+    result; returns extend.json."""
     cmd = [sys.executable, "-m", "detgraft", "extend", *base, "--train", str(train_file)]
-    cmd += ["--images", str(args.data / "images"), "--out", str(out)]
+    cmd += ["--images", str(args.data / "images"), "--out", str(out), *extra]
     if not (out / "extend.json").is_file():
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
@@ -99,10 +100,12 @@ def score(model, test, objects: tuple[str, ...]) -> dict:
     return row
 
 
-def scored(folder: Path, test, objects: tuple[str, ...], merge_off: bool) -> dict:
-    """``score`` of the model in ``folder`` (and with the merge off), kept in ``folder/test_scores.json``
-    for the weights it was computed on (their SHA-256 in detgraft.json)."""
-    cache, sha = folder / "test_scores.json", json.loads((folder / "detgraft.json").read_text())["weights_sha256"]
+def scored(folder: Path, test, objects: tuple[str, ...], merge_off: bool, split: str = "test") -> dict:
+    """``score`` of the model in ``folder`` (and with the merge off) on ``test`` (the ``split``),
+    kept in ``folder/{split}_scores.json`` for the weights it was computed on (their SHA-256 in
+    detgraft.json)."""
+    cache = folder / f"{split}_scores.json"
+    sha = json.loads((folder / "detgraft.json").read_text())["weights_sha256"]
     if cache.is_file() and json.loads(cache.read_text())["weights_sha256"] == sha:
         return json.loads(cache.read_text())["scores"]
     model = detgraft.load_model(folder)
@@ -139,6 +142,8 @@ def main() -> None:
         for d in DRAWS:
             runs[(str(k), d)] = train(args, args.runs / f"k{k}-draw{d}", draw(args.data, k, d), base_args)
     runs[("all", 0)] = train(args, args.runs / "all", args.data / "new_train.json", base_args)
+    # the cap of --steps auto, chosen on val: the all-data run at the previous cap of 600
+    longer = train(args, args.runs / "all-steps600", args.data / "new_train.json", base_args, ("--steps", "600"))
     step2 = train(args, args.runs / "step2", args.data / "step2_train.json", ["--base", str(args.runs / "all")])
 
     test = load_dataset(args.data / "test.json", args.data / "images")
@@ -169,6 +174,14 @@ def main() -> None:
         "base_old_on_new_step2": sum(c.count for c in base_eval.confusions if c.new_class in STEP2),
     }
     results["step2"]["branch"] = results["step2"].get("branch", {}) | step2_row
+    print("scoring the step cap on val", flush=True)
+    val = load_dataset(args.data / "val.json", args.data / "images")
+    base_val = evaluate(base, val, detections=detect(base, val))
+    results["sizes"]["step_cap_val"] = {
+        str(run["steps"]): scored(args.runs / name, val, STEP1, merge_off=False, split="val")
+        | {k: run[k] for k in ("seconds", "command")}
+        for name, run in (("all", runs[("all", 0)]), ("all-steps600", longer))
+    } | {"base_old_ap": round(base_val.groups["old"]["ap"], 4)}
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     write_section("sizes", table(results))
     print(table(results))
@@ -205,6 +218,19 @@ def table(results: dict) -> str:
         )
     lines += ["", "Commands, in the order of the rows:", ""]
     lines += [f"- `{c}`" for k in (*map(str, SIZES), "all") for c in s[k]["commands"]]
+    cap = dict(s.get("step_cap_val", {}))
+    if cap:
+        base_val = cap.pop("base_old_ap")
+        lines += [
+            "",
+            "The cap of `--steps auto` (it binds with all images), chosen on val: "
+            + "; ".join(
+                f"{steps} steps: old x base {r['old_ap'] / base_val:.3f}, new AP {r['new_ap']:.3f}, old-on-new "
+                f"{r['old_on_new']}, {r['seconds']:.0f} s (`{r['command']}`)"
+                for steps, r in cap.items()
+            )
+            + ".",
+        ]
     st = results["step2"]["branch"]
     base2, off2 = s["base_old_on_new_step2"], st["merge_off"]
     lines += [

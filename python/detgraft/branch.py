@@ -94,6 +94,7 @@ class BranchRoIHeads(RoIHeads):
     merge_iou: float | None
     keep: float  # teacher scores of the branches' ``others`` output: a label from keep,
     ignore: float  # left out of the loss from ignore
+    teacher_proposals: int  # the teacher reads the top proposals, as many as the base reads at inference
     _warned = False
 
     def forward(self, features, proposals, image_shapes, targets=None):
@@ -104,7 +105,9 @@ class BranchRoIHeads(RoIHeads):
             targets = [_branch_targets(t, branch) for t in targets]
             if branch.others:
                 with torch.no_grad():
-                    taught = self._teacher_detections(features, proposals, image_shapes, branch, self.ignore)
+                    # the RPN sorts proposals by objectness: the top ones are those the base sees at inference
+                    top = [p[: self.teacher_proposals] for p in proposals]
+                    taught = self._teacher_detections(features, top, image_shapes, branch, self.ignore)
                 others = branch.num_classes
                 targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
             proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -185,8 +188,8 @@ def add_branch(
     as the widened predictor's rows for the background and ``labels`` (set by ``expand_predictor``'s
     init). With ``others``, one more output learns "an object the model already knew" from the
     model's own detections on the training images (score >= ``keep`` a label; between ``ignore``
-    and ``keep`` left out of the loss); it starts as the mean of the old classes' rows. Everything
-    but the new branch is frozen."""
+    and ``keep`` left out of the loss), on the proposals the model reads at inference; it starts
+    as the mean of the old classes' rows. Everything but the new branch is frozen."""
     if not labels or list(labels) != list(range(labels[0], labels[0] + len(labels))):
         raise ValueError(f"a branch takes consecutive labels; got {labels}")
     if not 0 <= ignore <= keep <= 1:
@@ -204,6 +207,7 @@ def add_branch(
         heads.base_width = labels[0]
         heads.merge_iou = merge_iou
     heads.keep, heads.ignore = keep, ignore
+    heads.teacher_proposals = model.rpn._post_nms_top_n["testing"]
     rows = [0, *labels]
     new = FastRCNNPredictor(predictor.cls_score.in_features, len(rows) + others).to(predictor.cls_score.weight)
     blocks = torch.tensor([4 * r + k for r in rows for k in range(4)], device=predictor.bbox_pred.weight.device)

@@ -40,7 +40,7 @@ __all__ = ["ExtendSettings", "TrainingSet", "extend"]
 log = logging.getLogger(__name__)
 
 LAST, STATE = "last", "train_state.pt"
-AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 600
+AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 500
 
 
 def _flag(help: str, **kw: Any) -> Any:
@@ -54,7 +54,8 @@ class ExtendSettings:
     strategy: str = _flag(f"one of {', '.join(STRATEGIES)}", default="branch")
     steps: int | None = _flag(
         f"optimizer steps; auto: {AUTO_EPOCHS} passes over the training images, at least {AUTO_MIN_STEPS}, "
-        f"at most {AUTO_MAX_STEPS} (chosen on val: benchmarks/RESULTS.md, section sizes)",
+        f"at most {AUTO_MAX_STEPS} (the cap chosen on val within the 5-minute budget: benchmarks/RESULTS.md, "
+        "section sizes)",
         default=None,
     )
     batch_size: int = _flag("images per step", default=8)
