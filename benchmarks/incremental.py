@@ -99,7 +99,8 @@ def oracle_run(args) -> None:
     """(in a child process) the widened base fine-tuned with every label: base_train + new_train_full."""
     import resource
 
-    from detgraft.extend import ExtendSettings, TrainingSet, _train, optimizer_and_schedule
+    from detgraft.extend import ExtendSettings, _train, optimizer_and_schedule
+    from detgraft.training_data import TrainingSet
 
     start = time.perf_counter()
     torch.manual_seed(0)

@@ -273,7 +273,9 @@ mod tests {
         );
         // the gap to background is PRESERVE_GAP for every input (up to the float32 rounding of
         // the stored bias, background bias - 16)
-        let logits = x.to_kind(Kind::Double).matmul(&new.cls_weight.to_kind(Kind::Double).tr())
+        let logits = x
+            .to_kind(Kind::Double)
+            .matmul(&new.cls_weight.to_kind(Kind::Double).tr())
             + new.cls_bias.to_kind(Kind::Double);
         let gap = logits.select(1, 0) - logits.select(1, 7);
         assert!((gap - PRESERVE_GAP).abs().max().double_value(&[]) < 1e-5);

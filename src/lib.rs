@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod init;
+pub mod layout;
 pub mod nms;
 pub mod real;
 pub mod roi_align;
@@ -12,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
 use crate::init::Init;
+use crate::layout::{Fill, Layout};
 use crate::nms::Kernel;
 use crate::roi_align::Params;
 use crate::surgery::Predictor;
@@ -57,6 +59,57 @@ fn widen_predictor(
         PyTensor(new.bbox_weight),
         PyTensor(new.bbox_bias),
     ))
+}
+
+/// Widens one class-dependent tensor, and its bias, by `num_new` classes.
+///
+/// Dimension 0 of `weight` (any shape: a Linear's [R, D], a conv's [R, D, kh, kw]) and of `bias`
+/// [R] is laid out as `anchors x classes x per_class` (see `layout`); the new classes' rows go
+/// after the old ones within each anchor. `fill`: "copy" (class `fill_class`'s rows, bias +
+/// `bias_shift`), "mean" (the mean of classes `fill_class`.., bias + `bias_shift`) or "constant"
+/// (zero weights, bias `bias_shift`). Returns new tensors on the input's device and dtype.
+#[pyfunction]
+#[pyo3(signature = (weight, bias, num_new, anchors=1, per_class=1, fill="copy", fill_class=0, bias_shift=0.0))]
+#[allow(clippy::too_many_arguments)]
+fn widen_classes(
+    py: Python<'_>,
+    weight: PyTensor,
+    bias: Option<PyTensor>,
+    num_new: i64,
+    anchors: i64,
+    per_class: i64,
+    fill: &str,
+    fill_class: i64,
+    bias_shift: f64,
+) -> PyResult<(PyTensor, Option<PyTensor>)> {
+    let fill = match fill {
+        "copy" => Fill::Copy {
+            class: fill_class,
+            bias_shift,
+        },
+        "mean" => Fill::Mean {
+            from: fill_class,
+            bias_shift,
+        },
+        "constant" => Fill::Constant { bias: bias_shift },
+        other => {
+            return Err(error::Error::Argument(format!(
+                "fill {other:?} is unknown: choose one of copy, mean, constant"
+            ))
+            .into())
+        }
+    };
+    let layout = Layout { anchors, per_class };
+    let (w, b) = py.allow_threads(move || {
+        layout::widen(
+            &weight.0,
+            bias.as_ref().map(|b| &b.0),
+            layout,
+            num_new,
+            fill,
+        )
+    })?;
+    Ok((PyTensor(w), b.map(PyTensor)))
 }
 
 /// Indices of the boxes NMS keeps, by descending score (torchvision semantics; equal scores
@@ -153,6 +206,7 @@ fn roi_align_backward(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(widen_predictor, m)?)?;
+    m.add_function(wrap_pyfunction!(widen_classes, m)?)?;
     m.add_function(wrap_pyfunction!(py_nms, m)?)?;
     m.add_function(wrap_pyfunction!(py_batched_nms, m)?)?;
     m.add_function(wrap_pyfunction!(roi_align_forward, m)?)?;

@@ -7,6 +7,17 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::init::{self, Init};
+use crate::layout::{append, Layout};
+
+/// `cls_score`: one row per class; `bbox_pred`: a block of 4 per class.
+pub const CLS_LAYOUT: Layout = Layout {
+    anchors: 1,
+    per_class: 1,
+};
+pub const BOX_LAYOUT: Layout = Layout {
+    anchors: 1,
+    per_class: 4,
+};
 
 /// The four tensors of a `FastRCNNPredictor`, as in its state dict.
 #[derive(Debug)]
@@ -107,10 +118,10 @@ pub fn widen(old: &Predictor, num_new: i64, init: &Init) -> Result<Predictor> {
     let _no_grad = tch::no_grad_guard();
     let rows = init::new_rows(old, num_new, init)?;
     let out = Predictor {
-        cls_weight: Tensor::f_cat(&[&old.cls_weight, &rows.cls_weight], 0)?,
-        cls_bias: Tensor::f_cat(&[&old.cls_bias, &rows.cls_bias], 0)?,
-        bbox_weight: Tensor::f_cat(&[&old.bbox_weight, &rows.bbox_weight], 0)?,
-        bbox_bias: Tensor::f_cat(&[&old.bbox_bias, &rows.bbox_bias], 0)?,
+        cls_weight: append(&old.cls_weight, CLS_LAYOUT, &rows.cls_weight)?,
+        cls_bias: append(&old.cls_bias, CLS_LAYOUT, &rows.cls_bias)?,
+        bbox_weight: append(&old.bbox_weight, BOX_LAYOUT, &rows.bbox_weight)?,
+        bbox_bias: append(&old.bbox_bias, BOX_LAYOUT, &rows.bbox_bias)?,
     };
     // the surgery must not be able to misalign silently
     out.check()?;

@@ -129,7 +129,7 @@ def test_state_dict_given_as_model_asks_for_the_builder(tmp_path):
 @pytest.mark.parametrize(
     "model, weights, classes, error, match",
     [
-        ("maskrcnn_resnet50_fpn", None, None, ValueError, "cannot load 'maskrcnn_resnet50_fpn'"),
+        ("yolov8n", None, None, ValueError, "cannot load 'yolov8n'"),
         (TINY_BUILDER, "missing.safetensors", None, FileNotFoundError, "does not exist"),
         # classes list must cover every output
         (TINY_BUILDER, None, ["__background__", "a"], ValueError, "list 2 labels but the model has 6"),

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 
 from .arbitration import arbitrate, base_features
 from .teacher import add_teacher_boxes
@@ -136,7 +136,19 @@ class BranchRoIHeads(RoIHeads):
                     "labels": labels[: self.detections_per_img],
                 }
             )
+        if self.has_mask():
+            self._add_masks(features, result, image_shapes)
         return result, {}
+
+    def _add_masks(self, features, result: list[dict[str, Tensor]], image_shapes) -> None:
+        """A Mask R-CNN's masks for the merged detections, as torchvision infers them: the base's
+        mask head, each detection reading its label's channel (a new class's channel is the one
+        ``expand_predictor`` added: the mean old mask until a mask loss trains it)."""
+        boxes = [r["boxes"] for r in result]
+        x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        probs = maskrcnn_inference(self.mask_predictor(x), [r["labels"] for r in result])
+        for r, masks in zip(result, probs):
+            r["masks"] = masks
 
     def _base_detections(self, pooled: Tensor, proposals, image_shapes):
         """The base's detections, computed as the base computes them: its predictor's first
@@ -234,7 +246,7 @@ def add_branch(
 
 def branch_layout(model: nn.Module) -> dict | None:
     """What ``restore_branches`` needs to rebuild the branches before loading their weights."""
-    heads = model.roi_heads
+    heads = getattr(model, "roi_heads", None)
     if not isinstance(heads, BranchRoIHeads):
         return None
     return {

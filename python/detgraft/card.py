@@ -91,7 +91,9 @@ def get_card(model: nn.Module) -> ModelCard:
     card = getattr(model, "detgraft_card", None)
     if card is not None:
         return card
-    num_classes = _predictor_width(model)
+    from .families import num_classes as _num_classes
+
+    num_classes = _num_classes(model)
     if num_classes == 91:
         classes = coco_names()
         log.info("model has 91 outputs and no class names: assuming torchvision's COCO categories")
@@ -100,13 +102,3 @@ def get_card(model: nn.Module) -> ModelCard:
     card = ModelCard(classes=classes)
     model.detgraft_card = card
     return card
-
-
-def _predictor_width(model: nn.Module) -> int:
-    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    cls_score = getattr(predictor, "cls_score", None)
-    if not isinstance(cls_score, nn.Linear):
-        raise TypeError(
-            f"expected a torchvision FasterRCNN (model.roi_heads.box_predictor.cls_score), got {type(model).__name__}"
-        )
-    return cls_score.out_features

@@ -26,6 +26,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .branch import ARBITRATION_STATE, branch_layout, restore_branches
 from .card import ModelCard, get_card
+from .families import num_classes
 from .loading import build_architecture, torchvision_builder
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
             "load the model with detgraft.load_model, or pass builder='fasterrcnn_resnet50_fpn' (the torchvision "
             "builder it came from)"
         )
-    width = model.roi_heads.box_predictor.cls_score.out_features
+    width = num_classes(model)
     if width != card.num_classes:
         raise ValueError(f"card names {card.num_classes} classes but the model has {width} outputs")
     builder = json.loads(json.dumps(builder))

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from . import families
 from .card import UNUSED, get_card
 from .loading import load_model
 from .predict import IMAGE_SUFFIXES, find_images, predict_files
@@ -180,17 +181,24 @@ def _inspect(args: argparse.Namespace) -> int:
     model = _load(args)
     card = get_card(model)
     console = Console()
-    predictor = model.roi_heads.box_predictor
+    kind = families.family(model)
     params = list(model.parameters())
     summary = Table(title=f"model {args.model}", show_header=False)
-    summary.add_row("architecture", type(model).__name__)
+    summary.add_row("architecture", f"{type(model).__name__} (family {kind})")
     summary.add_row("backbone", type(getattr(model.backbone, "body", model.backbone)).__name__)
-    summary.add_row(
-        "box predictor",
-        f"{type(predictor).__name__}({predictor.cls_score.in_features} -> "
-        f"{predictor.cls_score.out_features} classes, "
-        f"{predictor.bbox_pred.out_features} box outputs)",
-    )
+    if kind in ("faster_rcnn", "mask_rcnn"):
+        predictor = model.roi_heads.box_predictor
+        summary.add_row(
+            "box predictor",
+            f"{type(predictor).__name__}({predictor.cls_score.in_features} -> "
+            f"{predictor.cls_score.out_features} classes, "
+            f"{predictor.bbox_pred.out_features} box outputs)",
+        )
+    for spec in families.class_tensors(model):
+        channels = model.get_submodule(spec.path).weight.shape[0]
+        summary.add_row(
+            "class layer", f"{spec.path}: {channels} channels = {spec.anchors} anchors x {card.num_classes} classes"
+        )
     summary.add_row(
         "parameters",
         f"{sum(p.numel() for p in params):,} ({sum(p.numel() for p in params if p.requires_grad):,} trainable)",
@@ -299,11 +307,13 @@ def _print_eval(result, before, comparison) -> None:
             *extra,
         )
     console.print(table)
-    groups = Table(title="groups")
-    for column in ("group", "AP", "AP50", "AP75", "AR"):
+    groups = Table(title="groups (box AP; mask AP beside it when the model and the data have masks)")
+    masks = result.mask_groups
+    for column in ("group", "AP", "AP50", "AP75", "AR", *(("mask AP", "mask AP50") if masks else ())):
         groups.add_column(column, justify="right")
     for g, v in result.groups.items():
-        groups.add_row(g, *(f"{v[m]:.3f}" for m in ("ap", "ap50", "ap75", "ar")))
+        mask = (f"{masks[g]['ap']:.3f}", f"{masks[g]['ap50']:.3f}") if masks else ()
+        groups.add_row(g, *(f"{v[m]:.3f}" for m in ("ap", "ap50", "ap75", "ar")), *mask)
     console.print(groups)
     if comparison:
         console.print(

@@ -26,8 +26,9 @@ from . import demo_model
 from .card import BACKGROUND
 from .checkpoint import save_checkpoint
 from .evaluate import load_dataset
-from .extend import ExtendSettings, TrainingSet, _train, extend, optimizer_and_schedule
+from .extend import ExtendSettings, _train, extend, optimizer_and_schedule
 from .loading import load_model
+from .training_data import TrainingSet
 
 __all__ = ["DemoSize", "demo_base", "make_shapes", "run_demo"]
 

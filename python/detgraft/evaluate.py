@@ -106,6 +106,8 @@ class Evaluation:
     confusions: list[Confusion] = field(default_factory=list)
     #: per new class: precision at recall 0, 0.01, ..., 1 (IoU 0.5)
     pr_curves: dict[str, list[float]] = field(default_factory=dict)
+    #: mask AP and AP50 per group, when the model has masks (Mask R-CNN) and the data segmentations
+    mask_groups: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -116,7 +118,8 @@ class Evaluation:
 
 @torch.no_grad()
 def detect(model: nn.Module, data: Dataset, *, device: str = "cpu", batch: int = 8) -> dict[int, dict[str, Tensor]]:
-    """The model's detections per image id (boxes, labels, scores on the CPU)."""
+    """The model's detections per image id (boxes, labels, scores on the CPU; a Mask R-CNN's masks
+    as COCO run-length encodings under ``segmentation``, cut at 0.5 as torchvision's docs do)."""
     model.eval().to(device)
     images = data.coco["images"]
     out = {}
@@ -124,8 +127,18 @@ def detect(model: nn.Module, data: Dataset, *, device: str = "cpu", batch: int =
         chunk = images[start : start + batch]
         pictures = [decode_image(str(data.path(im)), mode=ImageReadMode.RGB).to(device).float() / 255 for im in chunk]
         for im, d in zip(chunk, model(pictures)):
+            masks = d.pop("masks", None)
             out[im["id"]] = {k: v.cpu() for k, v in d.items()}
+            if masks is not None:
+                out[im["id"]]["segmentation"] = _encode(masks[:, 0] >= 0.5)
     return out
+
+
+def _encode(masks: Tensor) -> list[dict[str, Any]]:
+    from pycocotools import mask as coco_mask
+
+    rles = coco_mask.encode(np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8)))
+    return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
 def _label_to_category(model: nn.Module, data: Dataset) -> dict[int, int]:
@@ -137,10 +150,12 @@ def _label_to_category(model: nn.Module, data: Dataset) -> dict[int, int]:
     }
 
 
-def _results(detections: dict[int, dict[str, Tensor]], mapping: dict[int, int]) -> list[dict[str, Any]]:
+def _results(
+    detections: dict[int, dict[str, Tensor]], mapping: dict[int, int], masks: bool = False
+) -> list[dict[str, Any]]:
     results = []
     for image_id, d in detections.items():
-        for box, label, score in zip(d["boxes"].tolist(), d["labels"].tolist(), d["scores"].tolist()):
+        for k, (box, label, score) in enumerate(zip(d["boxes"].tolist(), d["labels"].tolist(), d["scores"].tolist())):
             if label in mapping:
                 results.append(
                     {
@@ -149,14 +164,20 @@ def _results(detections: dict[int, dict[str, Tensor]], mapping: dict[int, int]) 
                         "score": score,
                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                     }
+                    | ({"segmentation": d["segmentation"][k]} if masks else {})
                 )
     return results
 
 
 def coco_eval(
-    gt: dict[str, Any], results: list[dict[str, Any]], category_ids: list[int], evaluator: str = "pycocotools"
+    gt: dict[str, Any],
+    results: list[dict[str, Any]],
+    category_ids: list[int],
+    evaluator: str = "pycocotools",
+    iou_type: str = "bbox",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """COCOeval's ``precision`` [T, R, K, A, M] and ``recall`` [T, K, A, M] for ``category_ids``."""
+    """COCOeval's ``precision`` [T, R, K, A, M] and ``recall`` [T, K, A, M] for ``category_ids``
+    (``iou_type`` "bbox" or "segm")."""
     if evaluator == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -173,7 +194,7 @@ def coco_eval(
         if not results:  # no detections at all: every class scores 0
             shape = (10, 101, len(category_ids), 4, 3)
             return np.zeros(shape), np.zeros((10, len(category_ids), 4, 3))
-        ev = COCOeval(ground, dets, "bbox")
+        ev = COCOeval(ground, dets, iou_type)
         ev.params.catIds = category_ids
         ev.evaluate()
         ev.accumulate()
@@ -236,7 +257,18 @@ def evaluate(
         if members:
             groups[group] = {m: float(np.mean([getattr(c, m) for c in members])) for m in METRICS}
     pr = {c.name: [float(v) for v in precision[0, :, k, 0, -1]] for k, c in enumerate(classes) if c.group == "new"}
-    return Evaluation(classes, groups, not_evaluated, confusions(model, data, detections, score=score), pr)
+    mask_groups = {}
+    has_masks = all("segmentation" in d for d in detections.values())
+    if has_masks and any("segmentation" in a for a in data.coco["annotations"]):
+        results = _results(detections, mapping, masks=True)
+        mask_precision, _ = coco_eval(data.coco, results, [c for _, c in scored], evaluator, "segm")
+        for group in groups:
+            ks = [k for k, c in enumerate(classes) if group == "all" or c.group == group]
+            mask_groups[group] = {
+                "ap": float(np.mean([_mean(mask_precision[:, :, k, 0, -1]) for k in ks])),
+                "ap50": float(np.mean([_mean(mask_precision[0, :, k, 0, -1]) for k in ks])),
+            }
+    return Evaluation(classes, groups, not_evaluated, confusions(model, data, detections, score=score), pr, mask_groups)
 
 
 def confusions(

@@ -25,17 +25,18 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
-from torch import Tensor, nn
-from torchvision.io import ImageReadMode, decode_image
+from torch import nn
 
+from . import families
 from .arbitration import calibrate
 from .card import get_card
 from .checkpoint import save_checkpoint
 from .evaluate import Dataset
-from .incremental import STRATEGIES, incremental
+from .incremental import STRATEGIES, STRATEGIES_OF, incremental
 from .surgery import INITS, expand_predictor
+from .training_data import TrainingSet
 
-__all__ = ["ExtendSettings", "TrainingSet", "extend"]
+__all__ = ["ExtendSettings", "extend"]
 
 log = logging.getLogger(__name__)
 
@@ -84,58 +85,6 @@ class ExtendSettings:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
-
-
-class TrainingSet:
-    """COCO-json training images with their labels in the model's label space."""
-
-    def __init__(self, data: Dataset, label_of: dict[int, int]) -> None:
-        boxes: dict[int, list] = {im["id"]: [] for im in data.coco["images"]}
-        for a in data.coco["annotations"]:
-            if a.get("iscrowd", 0) or a["category_id"] not in label_of:
-                continue
-            x, y, w, h = a["bbox"]
-            if w > 0 and h > 0:
-                boxes[a["image_id"]].append(([x, y, x + w, y + h], label_of[a["category_id"]]))
-        self.items = [
-            (
-                data.path(im),
-                torch.tensor([b for b, _ in boxes[im["id"]]], dtype=torch.float32).reshape(-1, 4),
-                torch.tensor([label for _, label in boxes[im["id"]]], dtype=torch.int64),
-            )
-            for im in data.coco["images"]
-        ]
-        if not self.items:
-            raise ValueError("the training file lists no images")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __add__(self, other: TrainingSet) -> TrainingSet:
-        both = object.__new__(TrainingSet)
-        both.items = self.items + other.items
-        return both
-
-    def example(self, index: int, flip: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        path, boxes, labels = self.items[index]
-        image = decode_image(str(path), mode=ImageReadMode.RGB).float() / 255
-        if flip:
-            image = image.flip(-1)
-            boxes = boxes.clone()
-            boxes[:, [0, 2]] = image.shape[-1] - boxes[:, [2, 0]]
-        return image, {"boxes": boxes, "labels": labels}
-
-    def batch(self, step: int, size: int, seed: int, hflip: bool) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        """The ``step``-th batch of a seeded run: epochs are permutations seeded by (seed, epoch)."""
-        n = len(self.items)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        flips = (torch.rand(size, generator=g) < 0.5).tolist() if hflip else [False] * size
-        picks = []
-        for k, position in enumerate(range(step * size, (step + 1) * size)):
-            epoch, index = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            picks.append(self.example(int(order[index]), flips[k]))
-        return [p[0] for p in picks], [p[1] for p in picks]
 
 
 def auto_steps(images: int, batch_size: int) -> int:
@@ -199,12 +148,18 @@ def _extend(model, train, settings, out, val, replay, resume):
             "extend writes a checkpoint, and detgraft does not know which builder makes this model: load it with "
             "detgraft.load_model, or set detgraft.get_card(model).builder = detgraft.loading.torchvision_builder(name)"
         )
+    kind = families.family(model)
+    if settings.strategy not in STRATEGIES_OF[kind]:  # found out now, not after the model is widened
+        raise NotImplementedError(
+            f"strategy {settings.strategy!r} is not available for {kind} models yet; choose one of "
+            f"{', '.join(STRATEGIES_OF[kind])} (--strategy)"
+        )
     first = card.num_classes
     mapping = {c["name"]: first + names.index(c["name"]) for c in train.coco["categories"]}
     log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))
     by_id = {c["id"]: mapping[c["name"]] for c in train.coco["categories"]}
-    data = TrainingSet(train, by_id)
-    boxes_of = torch.bincount(torch.cat([labels for _, _, labels in data.items]), minlength=first + len(names))
+    data = TrainingSet(train, by_id, masks=kind == "mask_rcnn")
+    boxes_of = torch.bincount(torch.cat([labels for _, _, labels, _ in data.items]), minlength=first + len(names))
     empty = [n for n, label in mapping.items() if boxes_of[label] == 0]
     if empty:
         raise ValueError(
@@ -213,7 +168,7 @@ def _extend(model, train, settings, out, val, replay, resume):
             "the file"
         )
     if replay is not None:
-        data = data + TrainingSet(replay, _replay_labels(replay, card))
+        data = data + TrainingSet(replay, _replay_labels(replay, card), masks=kind == "mask_rcnn")
         log.info("replay: %d annotated old-class images mixed in", len(replay.coco["images"]))
     if settings.steps is None:
         settings = replace(settings, steps=auto_steps(len(data), settings.batch_size))
@@ -240,7 +195,7 @@ def _extend(model, train, settings, out, val, replay, resume):
 
     examples = None
     if settings.init == "imprint":
-        new_items = [i for i, (_, _, labels) in enumerate(data.items) if (labels >= first).any()][:64]
+        new_items = [i for i, (_, _, labels, _) in enumerate(data.items) if (labels >= first).any()][:64]
         examples = [data.example(i) for i in new_items]
     expand_predictor(model, names, settings.init, examples=examples, seed=settings.seed)
     get_card(model).history[-1].update(data=str(train.images), strategy=settings.strategy)

@@ -24,12 +24,14 @@ import copy
 import logging
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from . import families
 from .branch import add_branch
 from .card import get_card
 from .distill import add_distillation
+from .masks import allow_boxes_without_masks
 from .teacher import add_teacher_boxes
 
 __all__ = ["STRATEGIES", "freeze_batchnorm", "incremental"]
@@ -37,6 +39,14 @@ __all__ = ["STRATEGIES", "freeze_batchnorm", "incremental"]
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("naive", "head", "pseudo", "distill", "branch")
+# the RoI-head strategies need an R-CNN; pseudo labels and distillation are not yet written for one-stage losses
+STRATEGIES_OF = {
+    "faster_rcnn": STRATEGIES,
+    "mask_rcnn": STRATEGIES,
+    "retinanet": ("naive", "head"),
+    "fcos": ("naive", "head"),
+    "ssd": ("naive", "head"),
+}
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -81,9 +91,17 @@ def incremental(
         raise ValueError(f"need 0 <= ignore <= keep <= 1; got ignore={ignore}, keep={keep}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    kind = families.family(model)
+    if strategy not in STRATEGIES_OF[kind]:
+        raise NotImplementedError(
+            f"strategy {strategy!r} is not available for {kind} models yet; "
+            f"choose one of {', '.join(STRATEGIES_OF[kind])}"
+        )
     card = get_card(model)
     if not card.new_labels:
         raise ValueError("the model has no new classes: call detgraft.expand_predictor(model, names) first")
+    if kind == "mask_rcnn" and strategy != "branch":
+        allow_boxes_without_masks(model)
     if strategy == "branch":
         # the base must compute exactly as before: BatchNorm layers stay themselves, in eval mode
         model.register_forward_pre_hook(_batchnorm_in_eval_mode)
@@ -105,35 +123,40 @@ def incremental(
 
 
 def _train_new_rows_only(model: nn.Module, first_new: int) -> None:
-    predictor = model.roi_heads.box_predictor
+    """Only the new classes' rows of every class-dependent layer learn (R-CNN: ``cls_score``,
+    ``bbox_pred`` and a Mask R-CNN's ``mask_fcn_logits``; one-stage: the classification
+    convolutions, anchor by anchor)."""
+    total = families.num_classes(model)
+    specs = list(families.class_tensors(model))
+    if families.family(model) in ("faster_rcnn", "mask_rcnn"):
+        specs += [
+            families.ClassTensor("roi_heads.box_predictor.cls_score", 1, 1, "copy"),
+            families.ClassTensor("roi_heads.box_predictor.bbox_pred", 1, 4, "copy"),
+        ]
     for p in model.parameters():
         p.requires_grad_(False)
-    rows = {"cls_score": first_new, "bbox_pred": 4 * first_new}
-    for name, old in rows.items():
-        layer = getattr(predictor, name)
-        for p in (layer.weight, layer.bias):
-            p.requires_grad_(True)
-            p.register_hook(lambda grad, old=old: _zero_rows(grad, old))
     # the old rows as they are now, put back before every forward and every state_dict: an
     # optimizer's weight decay or momentum may have moved them in its last step. The hooks find
-    # the predictor through their module argument, so a deep copy of the model restores its own.
-    saved = {
-        name: (
-            getattr(predictor, name).weight[:old].detach().clone(),
-            getattr(predictor, name).bias[:old].detach().clone(),
-        )
-        for name, old in rows.items()
-    }
+    # the layers through their module argument, so a deep copy of the model restores its own.
+    saved = {}
+    for spec in specs:
+        layer = model.get_submodule(spec.path)
+        new = families.new_rows(spec, total, first_new, layer.weight.device)
+        for name in ("weight", "bias"):
+            p = getattr(layer, name)
+            if p is None:
+                continue
+            p.requires_grad_(True)
+            p.register_hook(lambda grad, new=new: torch.where(new.view(-1, *[1] * (grad.dim() - 1)), grad, 0.0))
+            saved[(spec.path, name)] = (new, p.detach()[~new].clone())
 
-    def restore(box_predictor: nn.Module) -> None:
+    def restore(root: nn.Module) -> None:
         with torch.no_grad():
-            for name, (weight, bias) in saved.items():
-                layer = getattr(box_predictor, name)
-                layer.weight[: len(weight)] = weight
-                layer.bias[: len(bias)] = bias
+            for (path, name), (new, old) in saved.items():
+                getattr(root.get_submodule(path), name)[~new] = old
 
-    model.register_forward_pre_hook(lambda module, args: restore(module.roi_heads.box_predictor))
-    predictor.register_state_dict_pre_hook(lambda module, prefix, keep_vars: restore(module))
+    model.register_forward_pre_hook(lambda module, args: restore(module))
+    model.register_state_dict_pre_hook(lambda module, prefix, keep_vars: restore(module))
 
 
 def _batchnorm_in_eval_mode(module: nn.Module, args) -> None:
@@ -175,9 +198,3 @@ def _add_pseudo_labels(model: nn.Module, keep: float, ignore: float, first_new: 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     object.__setattr__(model, "detgraft_teacher", teacher)  # reachable, but not a submodule: not trained or saved
     return teacher
-
-
-def _zero_rows(grad: Tensor, rows: int) -> Tensor:
-    grad = grad.clone()
-    grad[:rows] = 0
-    return grad

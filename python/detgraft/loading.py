@@ -29,6 +29,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from . import families
 from .card import BACKGROUND, ModelCard, coco_names
 
 __all__ = [
@@ -47,8 +48,15 @@ TORCHVISION_BUILDERS = (
     "fasterrcnn_resnet50_fpn_v2",
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "fcos_resnet50_fpn",
+    "ssd300_vgg16",
+    "ssdlite320_mobilenet_v3_large",
+    "keypointrcnn_resnet50_fpn",  # listed so that loading it says why it is refused (families.family)
 )
-_CLS_KEY = "roi_heads.box_predictor.cls_score.weight"
 
 
 def load_model(
@@ -140,7 +148,7 @@ def build_architecture(builder: Mapping[str, Any], num_classes: int) -> nn.Modul
         return torchvision.models.get_model(builder["name"], **{**builder["kwargs"], "num_classes": num_classes})
     if builder["kind"] == "python":
         net = _import_builder(builder["file"], builder["function"])(**builder.get("kwargs", {}))
-        width = net.roi_heads.box_predictor.cls_score.out_features
+        width = families.num_classes(net)
         if width > num_classes:
             raise ValueError(f"builder makes {width} outputs, more than the {num_classes} expected")
         if width < num_classes:
@@ -166,9 +174,8 @@ def _load_torchvision(name: str, weights: str | Path | None, classes) -> tuple[n
         names, source = list(w.meta["categories"]), str(w)
     else:
         state_dict = read_state_dict(weights)
-        if _CLS_KEY not in state_dict:
-            raise ValueError(f"{str(weights)!r} is not a FasterRCNN state dict: it has no {_CLS_KEY}")
-        num_classes = state_dict[_CLS_KEY].shape[0]
+        probe = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+        num_classes = families.state_dict_classes(probe, state_dict, f"{str(weights)!r} ({name})")
         net = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes)
         _load_weights(net, state_dict, weights, name)
         names, source = None, str(Path(weights).resolve())
@@ -215,7 +222,7 @@ def _load_pickled(path: Path, classes, trust_pickle: bool) -> tuple[nn.Module, M
 
 
 def _card(net: nn.Module, classes, names: list[str] | None, builder, source) -> ModelCard:
-    width = net.roi_heads.box_predictor.cls_score.out_features
+    width = families.num_classes(net)
     if classes is not None:
         names = _read_classes(classes)
     if names is None:

@@ -11,7 +11,7 @@ import torch
 from rich.progress import track
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image, write_png
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .card import get_card
 
@@ -85,11 +85,15 @@ def predict_files(
         names = [card.classes[i] for i in labels.tolist()]
         predictions.append(Prediction(str(file), boxes.tolist(), labels.tolist(), names, scores.tolist()))
         colors = [_PALETTE[i % len(_PALETTE)] for i in labels.tolist()]
+        drawn = image
+        if "masks" in out and len(boxes):  # Mask R-CNN: [N, 1, H, W] probabilities, cut at 0.5 as torchvision's docs do
+            masks = out["masks"][keep].cpu()[:, 0] >= 0.5
+            drawn = draw_segmentation_masks(drawn, masks, alpha=0.45, colors=colors)
         drawn = (
-            image
+            drawn
             if not len(boxes)
             else draw_bounding_boxes(
-                image,
+                drawn,
                 boxes,
                 labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())],
                 colors=colors,

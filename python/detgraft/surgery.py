@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from . import _core
+from . import _core, families
 from .card import BACKGROUND, UNUSED, get_card
 
 __all__ = ["INITS", "expand_predictor", "expand_state_dict", "box_features"]
@@ -42,36 +42,40 @@ def expand_predictor(
     examples: Iterable[tuple[Tensor, Mapping[str, Tensor]]] | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """Adds classes ``names`` to a torchvision ``FasterRCNN``, in place, and returns the model.
+    """Adds classes ``names`` to a torchvision detector, in place, and returns the model.
 
-    ``cls_score`` grows from C to C+n outputs and the class-specific ``bbox_pred`` from 4C to
-    4(C+n); the new classes take labels C, C+1, ... and the old rows are kept exactly. The
-    ``Linear`` modules stay the same objects and get new ``Parameter``s on the same device and
-    dtype, with the old ``requires_grad``: build the optimizer after this call.
+    For a ``FasterRCNN``, ``cls_score`` grows from C to C+n outputs and the class-specific
+    ``bbox_pred`` from 4C to 4(C+n); a ``MaskRCNN``'s ``mask_fcn_logits`` and the classification
+    convolutions of ``RetinaNet``, ``FCOS`` and ``SSD`` grow too, anchor by anchor (``families``).
+    The new classes take labels C, C+1, ... and the old rows are kept exactly. The layers stay the
+    same objects and get new ``Parameter``s on the same device and dtype, with the old
+    ``requires_grad``: build the optimizer after this call.
 
     Args:
-        model: a torchvision ``FasterRCNN`` whose ``roi_heads.box_predictor`` is a ``FastRCNNPredictor``.
+        model: a torchvision ``FasterRCNN`` (its ``roi_heads.box_predictor`` a ``FastRCNNPredictor``),
+            ``MaskRCNN``, ``RetinaNet``, ``FCOS`` or ``SSD``; ``KeypointRCNN`` is refused.
         names: the new class names, e.g. ``["chicken", "frog"]``.
-        init: one of ``INITS``; ``preserve`` (default) leaves the detections unchanged.
+        init: one of ``INITS`` (R-CNN; one-stage families take ``preserve`` only); ``preserve``
+            (default) leaves the detections unchanged.
         examples: for ``init="imprint"``: ``(image, target)`` pairs as torchvision's detection
             models take them (image Tensor[3, H, W] in 0..1, target ``boxes`` FloatTensor[N, 4] xyxy
             in pixels and ``labels`` Int64Tensor[N] holding the new labels C, C+1, ...).
         seed: for ``init="mean"``.
     """
-    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    if not isinstance(predictor, FastRCNNPredictor):
-        kind = type(predictor).__module__ + "." + type(predictor).__qualname__
-        raise NotImplementedError(
-            f"box predictor not supported yet: {kind}; detgraft widens torchvision's FastRCNNPredictor "
-            "(model.roi_heads.box_predictor of a FasterRCNN)"
-        )
+    kind = families.family(model)
+    old_num_classes = families.num_classes(model)
     card = get_card(model)
     names = _check_names(names, card.classes)
-    old_num_classes = predictor.cls_score.out_features
     if old_num_classes != card.num_classes:
         raise ValueError(
-            f"the model's card names {card.num_classes} classes but cls_score has {old_num_classes} outputs; "
+            f"the model's card names {card.num_classes} classes but the model has {old_num_classes} outputs; "
             "fix model.detgraft_card.classes"
+        )
+    one_stage = kind not in ("faster_rcnn", "mask_rcnn")
+    if one_stage and init != "preserve":
+        raise ValueError(
+            f"a {kind} model's new classes start one way (init='preserve': below the score threshold, so it detects "
+            f"exactly what it did); init={init!r} is for R-CNN box predictors"
         )
     features = feature_labels = None
     if init == "imprint":
@@ -82,7 +86,9 @@ def expand_predictor(
     elif examples is not None:
         raise ValueError(f'examples are only used by init="imprint", not init={init!r}')
 
-    _widen_in_place(predictor, len(names), init, seed, features, feature_labels)
+    families.widen_class_tensors(model, len(names))
+    if not one_stage:
+        _widen_in_place(model.roi_heads.box_predictor, len(names), init, seed, features, feature_labels)
 
     labels = list(range(old_num_classes, old_num_classes + len(names)))
     card.classes.extend(names)
@@ -191,8 +197,10 @@ def _swap(layer: nn.Linear, weight: Tensor, bias: Tensor) -> None:
 def resize_predictor(model: nn.Module, num_classes: int) -> None:
     """Widens the predictor's shape to ``num_classes`` outputs without touching the card; the new
     rows are placeholders about to be overwritten by ``load_state_dict``."""
-    predictor = model.roi_heads.box_predictor
-    _widen_in_place(predictor, num_classes - predictor.cls_score.out_features)
+    num_new = num_classes - families.num_classes(model)
+    families.widen_class_tensors(model, num_new)
+    if families.family(model) in ("faster_rcnn", "mask_rcnn"):
+        _widen_in_place(model.roi_heads.box_predictor, num_new)
 
 
 def _widen_in_place(
