@@ -173,12 +173,7 @@ def test_head_trains_only_the_new_rows(name):
         sum(losses.values()).backward()
         optimizer.step()
     after = model.state_dict()
-    specs = families.class_tensors(model)
-    if FAMILY[name] == "mask_rcnn":
-        specs += [
-            families.ClassTensor("roi_heads.box_predictor.cls_score", 1, 1, "copy"),
-            families.ClassTensor("roi_heads.box_predictor.bbox_pred", 1, 4, "copy"),
-        ]
+    specs = families.class_layers(model)
     changed = set()
     for spec in specs:
         new = families.new_rows(spec, NUM_CLASSES + 2, NUM_CLASSES, torch.device("cpu"))

@@ -27,12 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file
 from torch import nn
 
-from . import families
 from .arbitration import calibrate
 from .card import get_card
 from .checkpoint import save_checkpoint
 from .evaluate import Dataset
-from .incremental import STRATEGIES, STRATEGIES_OF, incremental
+from .incremental import STRATEGIES, check_strategy, incremental
 from .surgery import INITS, expand_predictor
 from .training_data import TrainingSet
 
@@ -148,12 +147,7 @@ def _extend(model, train, settings, out, val, replay, resume):
             "extend writes a checkpoint, and detgraft does not know which builder makes this model: load it with "
             "detgraft.load_model, or set detgraft.get_card(model).builder = detgraft.loading.torchvision_builder(name)"
         )
-    kind = families.family(model)
-    if settings.strategy not in STRATEGIES_OF[kind]:  # found out now, not after the model is widened
-        raise NotImplementedError(
-            f"strategy {settings.strategy!r} is not available for {kind} models yet; choose one of "
-            f"{', '.join(STRATEGIES_OF[kind])} (--strategy)"
-        )
+    kind = check_strategy(model, settings.strategy)  # found out now, not after the model is widened
     first = card.num_classes
     mapping = {c["name"]: first + names.index(c["name"]) for c in train.coco["categories"]}
     log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))

@@ -31,7 +31,7 @@ from torchvision.models.detection.ssd import SSD
 
 from . import _core
 
-__all__ = ["ClassTensor", "class_tensors", "family", "num_classes", "widen_class_tensors"]
+__all__ = ["ClassTensor", "class_layers", "class_tensors", "family", "num_classes", "widen_class_tensors"]
 
 FAMILIES = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos", "ssd")
 
@@ -113,6 +113,18 @@ def class_tensors(model: nn.Module) -> list[ClassTensor]:
         conv = model.get_submodule(path)
         tensors.append(ClassTensor(path, conv.out_channels // classes, 1, "copy", 0, -_core.PRESERVE_GAP))
     return tensors
+
+
+def class_layers(model: nn.Module) -> list[ClassTensor]:
+    """Every class-dependent layer: ``class_tensors`` plus an R-CNN's ``cls_score`` (a row per
+    class) and ``bbox_pred`` (a block of 4 per class), whose starts ``surgery``'s inits choose."""
+    layers = class_tensors(model)
+    if family(model) in ("faster_rcnn", "mask_rcnn"):
+        layers += [
+            ClassTensor("roi_heads.box_predictor.cls_score", 1, 1, "copy"),
+            ClassTensor("roi_heads.box_predictor.bbox_pred", 1, 4, "copy"),
+        ]
+    return layers
 
 
 def state_dict_classes(probe: nn.Module, state_dict: dict, name: str) -> int:

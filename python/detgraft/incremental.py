@@ -49,6 +49,17 @@ STRATEGIES_OF = {
 }
 
 
+def check_strategy(model: nn.Module, strategy: str) -> str:
+    """The model's family, if ``strategy`` is available for it; a clear error otherwise."""
+    kind = families.family(model)
+    if strategy not in STRATEGIES_OF[kind]:
+        raise NotImplementedError(
+            f"strategy {strategy!r} is not available for {kind} models yet; "
+            f"choose one of {', '.join(STRATEGIES_OF[kind])}"
+        )
+    return kind
+
+
 def freeze_batchnorm(model: nn.Module) -> int:
     """Replaces every ``nn.BatchNorm2d`` by a ``FrozenBatchNorm2d`` with the same statistics and
     affine parameters (as torchvision's pretrained detectors are built); returns how many."""
@@ -91,12 +102,7 @@ def incremental(
         raise ValueError(f"need 0 <= ignore <= keep <= 1; got ignore={ignore}, keep={keep}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    kind = families.family(model)
-    if strategy not in STRATEGIES_OF[kind]:
-        raise NotImplementedError(
-            f"strategy {strategy!r} is not available for {kind} models yet; "
-            f"choose one of {', '.join(STRATEGIES_OF[kind])}"
-        )
+    kind = check_strategy(model, strategy)
     card = get_card(model)
     if not card.new_labels:
         raise ValueError("the model has no new classes: call detgraft.expand_predictor(model, names) first")
@@ -127,12 +133,7 @@ def _train_new_rows_only(model: nn.Module, first_new: int) -> None:
     ``bbox_pred`` and a Mask R-CNN's ``mask_fcn_logits``; one-stage: the classification
     convolutions, anchor by anchor)."""
     total = families.num_classes(model)
-    specs = list(families.class_tensors(model))
-    if families.family(model) in ("faster_rcnn", "mask_rcnn"):
-        specs += [
-            families.ClassTensor("roi_heads.box_predictor.cls_score", 1, 1, "copy"),
-            families.ClassTensor("roi_heads.box_predictor.bbox_pred", 1, 4, "copy"),
-        ]
+    specs = families.class_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
     # the old rows as they are now, put back before every forward and every state_dict: an
