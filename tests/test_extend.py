@@ -83,10 +83,17 @@ def test_a_non_finite_loss_stops_with_a_clear_message(train, tmp_path):
         extend(model, train, settings(), out=tmp_path / "nan")
 
 
-def test_training_categories_must_be_new(tmp_path):
-    data = write_coco(tmp_path, "clash", ["chicken", "class_2"], [[4, 4, 30, 30], [30, 20, 30, 40]])
-    with pytest.raises(ValueError, match=r"already has 'class_2' \(label 2\)"):
+def test_a_category_the_model_has_is_an_error_that_offers_the_choice(tmp_path):
+    data = write_coco(tmp_path, "clash", ["chicken", "Class 2"], [[4, 4, 30, 30], [30, 20, 30, 40]])
+    with pytest.raises(ValueError, match=r"already has 'Class 2' \(the model's label 2\).*--existing train"):
         extend(base_model(), data, settings(), out=tmp_path / "x")
+    model = extend(base_model(), data, settings(existing="ignore"), out=tmp_path / "ignore")
+    assert detgraft.get_card(model).classes[-1] == "chicken" and detgraft.get_card(model).num_classes == 7
+    mapping = json.loads((tmp_path / "ignore" / "mapping.json").read_text())
+    assert mapping == {"chicken": 6}
+    for strategy in ("naive", "branch"):  # branch: the labelled old objects teach its 'others' output
+        model = extend(base_model(), data, settings(existing="train", strategy=strategy), out=tmp_path / strategy)
+        assert detgraft.get_card(model).num_classes == 7
 
 
 def test_every_setting_is_a_flag_with_the_same_default():

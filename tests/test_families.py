@@ -16,6 +16,7 @@ import torchvision
 import detgraft
 from conftest import assert_same_detections, detect, detect64, preserve_rtol, write_coco
 from detgraft import families
+from detgraft.cli import main
 from detgraft.evaluate import evaluate
 from detgraft.extend import ExtendSettings, extend
 from detgraft.predict import predict_files
@@ -227,6 +228,31 @@ def test_branch_on_mask_rcnn_keeps_the_old_masks():
         torch.testing.assert_close(a["masks"][old], b["masks"], rtol=0, atol=1e-9)
 
 
+def test_branch_on_mask_rcnn_trains_masks_of_its_own_classes():
+    model = build("maskrcnn_resnet50_fpn")
+    detgraft.expand_predictor(model, ["chicken", "frog"])
+    detgraft.incremental(model, "branch")
+    branch = model.roi_heads.branches[0]
+    assert branch.mask_predictor.mask_fcn_logits.out_channels == 3  # background, chicken, frog
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    losses = model(pictures(), _targets("maskrcnn_resnet50_fpn", [True]))
+    assert losses["loss_mask"] > 0
+    sum(losses.values()).backward()
+    assert branch.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad is None  # the base's stays as it was
+    # boxes without masks: the mask loss is 0 and the box losses train
+    losses = model(pictures(), _targets("maskrcnn_resnet50_fpn", [False]))
+    assert losses["loss_mask"] == 0 and losses["loss_classifier"] > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
+    # new detections read their branch's masks: a new class fires where the branch says so
+    model.eval()
+    with torch.no_grad():
+        branch.box_predictor.cls_score.bias[1] = 20.0
+    found = detect(model, pictures())
+    assert all((d["labels"] == NUM_CLASSES).any() and d["masks"].shape[1:] == (1, 128, 128) for d in found)
+
+
 def test_keypoint_rcnn_is_refused_with_the_reason():
     model = torchvision.models.get_model(
         "keypointrcnn_resnet50_fpn", weights=None, weights_backbone=None, num_classes=2, **SMALL
@@ -238,8 +264,8 @@ def test_keypoint_rcnn_is_refused_with_the_reason():
 def test_strategies_a_family_lacks_fail_at_once():
     model = build("fcos_resnet50_fpn")
     detgraft.expand_predictor(model, ["chicken"])
-    with pytest.raises(NotImplementedError, match="'branch' is not available for fcos.*naive, head"):
-        detgraft.incremental(model, "branch")
+    with pytest.raises(NotImplementedError, match="'pseudo' is not available for fcos.*naive, head, branch"):
+        detgraft.incremental(model, "pseudo")
     with pytest.raises(ValueError, match="init='preserve'"):
         detgraft.expand_predictor(build("fcos_resnet50_fpn"), ["chicken"], init="mean")
 
@@ -272,3 +298,87 @@ def test_extend_a_mask_rcnn_and_score_its_masks(tmp_path):
     assert set(evaluation.mask_groups) == set(evaluation.groups) == {"new", "all"}
     predictions, _ = predict_files(model, [data.path(data.coco["images"][0])], tmp_path / "drawn", score=0.0)
     assert predictions[0].labels and (tmp_path / "drawn" / "train_0.png").is_file()
+
+
+ONE_STAGE = ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
+
+
+def _fire_branch(model, label: int) -> None:
+    """Raises the branch's bias of ``label`` so that it detects (an untrained branch starts below
+    the score threshold)."""
+    branch = model.head.branches[-1]
+    conv = branch.head.cls_logits
+    with torch.no_grad():
+        conv.bias.view(-1, branch.num_classes)[:, label - branch.first_label] = 5.0
+
+
+@pytest.mark.parametrize("name", ONE_STAGE)
+def test_one_stage_branch_keeps_the_base_bit_for_bit(name):
+    model = build(name)
+    before = detect(model, pictures())
+    detgraft.expand_predictor(model, ["chicken", "frog"])
+    detgraft.incremental(model, "branch", merge_iou=None)
+    assert detgraft.get_card(model).new_labels == [NUM_CLASSES, NUM_CLASSES + 1]
+    _assert_equal(detect(model, pictures()), before)  # an untrained branch detects nothing
+    _fire_branch(model, NUM_CLASSES + 1)
+    after = detect(model, pictures())
+    for b, a in zip(before, after):
+        old = a["labels"] < NUM_CLASSES
+        assert (a["labels"][~old] == NUM_CLASSES + 1).any()
+        # the base's detections, in its order; the merged list keeps detections_per_img, the strongest
+        _assert_equal([{k: v[old] for k, v in a.items()}], [{k: v[: int(old.sum())] for k, v in b.items()}])
+    # with the merge, an old detection under a stronger new one is lowered, never raised; calibrated,
+    # the arbitration reads the base tower's features at the boxes (as for R-CNN, the box head's)
+    model.merge_iou = 0.5
+    examples = list(zip(pictures(), _targets(name, [False])))
+    learned = detgraft.calibrate(model, examples)
+    assert bool(model.head.branches[0].calibrated) and learned["new_boxes"] == 2  # a chicken and a frog
+    assert model.head.branches[0].prototypes.shape == (2, model.head.classification_head.cls_logits.in_channels)
+    merged = detect(model, pictures())
+    for b, m in zip(before, merged):
+        old = m["labels"] < NUM_CLASSES
+        for box, score, label in zip(m["boxes"][old], m["scores"][old], m["labels"][old]):
+            same = (b["boxes"] == box).all(1) & (b["labels"] == label)
+            assert same.any() and score <= b["scores"][same].max()
+        assert m["scores"][old].sum() < b["scores"].sum()
+
+
+@pytest.mark.parametrize("name", ONE_STAGE)
+def test_one_stage_branch_trains_only_the_branch(name, tmp_path):
+    model = build(name)
+    detgraft.expand_predictor(model, ["chicken", "frog"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    detgraft.incremental(model, "branch")
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trained} == {id(p) for p in model.head.branches.parameters()}
+    start = [p.detach().clone() for p in trained]
+    optimizer = torch.optim.SGD(trained, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        losses = model(pictures(), _targets(name, [False]))
+        assert list(losses) == ["classification"] and losses["classification"] > 0
+        optimizer.zero_grad()
+        losses["classification"].backward()
+        optimizer.step()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(not torch.equal(p, s) for p, s in zip(trained, start))
+    # the checkpoint rebuilds the branch: the same detections
+    model.eval()
+    _fire_branch(model, NUM_CLASSES)
+    expected = detect(model, pictures())
+    detgraft.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = detgraft.load_model(tmp_path / "ckpt")
+    _assert_equal(detect(loaded, pictures()), expected)
+    assert any(len(d["labels"]) for d in expected)
+
+
+def test_extend_a_retinanet_with_the_default_strategy(tmp_path, capsys):
+    model = build("retinanet_resnet50_fpn")
+    data = write_coco(tmp_path, "train", ["chicken", "frog"], [[4, 4, 20, 24], [30, 28, 26, 30]])
+    extend(model, data, ExtendSettings(steps=2, batch_size=2), out=tmp_path / "run")
+    loaded = detgraft.load_model(tmp_path / "run")
+    assert type(loaded).__name__ == "BranchRetinaNet" and len(loaded.head.branches) == 1
+    _assert_equal(detect(loaded, pictures()), detect(model, pictures()))
+    assert main(["inspect", str(tmp_path / "run")]) == 0
+    assert "labels 5..6: classification head" in capsys.readouterr().out

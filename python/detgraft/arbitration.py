@@ -42,13 +42,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-__all__ = ["KEEPER_SCORE", "PRIOR_BOXES", "arbitrate", "calibrate"]
+__all__ = ["ARBITRATION_STATE", "KEEPER_SCORE", "PRIOR_BOXES", "arbitrate", "calibrate"]
 
 log = logging.getLogger(__name__)
 
 PRIOR_BOXES = 7  # alpha = n / (n + PRIOR_BOXES): 0.7 at 10 images per class (~16 boxes), as chosen on val
 KEEPER_SCORE = 0.5  # a detection of the model before the branch this confident is an old object
 NEW_QUANTILE = 0.05  # at_least: the share of labelled new objects allowed below it
+ARBITRATION_STATE = ("prototypes", "alpha", "look_alike", "at_least", "calibrated")  # each branch's buffers
+
+
+def add_arbitration_state(branch: nn.Module, num_new: int, like: Tensor, width: int | None = None) -> None:
+    """The buffers ``calibrate`` fills, on ``branch`` (saved with its weights): one prototype of
+    ``width`` features (default ``like``'s row length) per new class, alpha, and the thresholds."""
+    width = like.shape[1] if width is None else width
+    branch.register_buffer("prototypes", like.new_zeros(num_new, width))
+    branch.register_buffer("alpha", like.new_ones(num_new))
+    branch.register_buffer("look_alike", like.new_ones(()))
+    branch.register_buffer("at_least", like.new_ones(()))
+    branch.register_buffer("calibrated", torch.tensor(False, device=like.device))
+
+
+def set_arbitration(branch: nn.Module, prototypes: Tensor, alpha: Tensor, look_alike: float, at_least: float) -> None:
+    with torch.no_grad():
+        branch.prototypes.copy_(prototypes)
+        branch.alpha.copy_(alpha)
+        branch.look_alike.fill_(look_alike)
+        branch.at_least.fill_(at_least)
+        branch.calibrated.fill_(True)
 
 
 @torch.no_grad()
@@ -58,25 +79,30 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
     space: the training images). Call it after training, with the images the branch learned
     from; ``detgraft extend`` does. Returns what it learned (also logged)."""
     from .branch import BranchRoIHeads
+    from .dense_branch import dense_calibration_pass, is_dense_branch_model
 
-    heads = model.roi_heads
-    if not isinstance(heads, BranchRoIHeads):
+    heads = getattr(model, "roi_heads", None)
+    if not isinstance(heads, BranchRoIHeads) and not is_dense_branch_model(model):
         raise ValueError("calibrate is for models prepared with detgraft.incremental(model, 'branch')")
-    branch = heads.branches[-1]
     was_training = model.training
     model.eval()
     try:
-        return _calibrate(model, heads, branch, examples, batch)
+        if is_dense_branch_model(model):
+            branch = model.head.branches[-1]
+            return _fit(branch, *dense_calibration_pass(model, examples, batch, KEEPER_SCORE))
+        return _fit(heads.branches[-1], *_rcnn_pass(model, heads, heads.branches[-1], examples, batch))
     finally:
         model.train(was_training)
 
 
-def _calibrate(model: nn.Module, heads, branch, examples, batch: int) -> dict:
+def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The base features of the labelled new objects of ``examples``, their labels (0-based in the
+    branch), and the base features of the old objects the model detects away from them."""
     device = next(model.parameters()).device
     new_feats: list[Tensor] = []
     new_labels: list[Tensor] = []
     keeper_feats: list[Tensor] = []
-    for chunk in _chunks(examples, batch):
+    for chunk in chunks(examples, batch):
         images = [im.to(device) for im, _ in chunk]
         targets = [
             {"boxes": t["boxes"].to(device).reshape(-1, 4).float(), "labels": t["labels"].to(device)} for _, t in chunk
@@ -87,34 +113,47 @@ def _calibrate(model: nn.Module, heads, branch, examples, batch: int) -> dict:
             features = OrderedDict([("0", features)])
         proposals, _ = model.rpn(image_list, features)
         before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
-        own_boxes, keepers = [], []
-        for t, d in zip(targets, before):
-            own = branch.owns(t["labels"])
-            keep = d["scores"] >= KEEPER_SCORE
-            if own.any() and keep.any():
-                keep &= box_iou(d["boxes"], t["boxes"][own]).max(1).values < 0.3
-            own_boxes.append(t["boxes"][own])
-            new_labels.append(t["labels"][own] - branch.first_label)
-            keepers.append(d["boxes"][keep])
+        own_boxes, labels, keepers = training_objects(targets, before, branch)
+        new_labels += labels
         new_feats.append(base_features(heads, features, own_boxes, image_list.image_sizes))
         keeper_feats.append(base_features(heads, features, keepers, image_list.image_sizes))
     if not new_feats:
         raise ValueError("calibrate needs the training examples; got none")
-    feats, labels = torch.cat(new_feats), torch.cat(new_labels)
-    num_new = branch.num_classes - 1
+    return torch.cat(new_feats), torch.cat(new_labels), torch.cat(keeper_feats)
+
+
+def training_objects(targets: list[dict], before: list[dict], branch) -> tuple[list, list, list]:
+    """Per image: the labelled boxes of the branch's classes, their labels (0-based in the
+    branch), and the old objects, the model's detections before the branch (``before``) that score
+    >= ``KEEPER_SCORE`` away from those boxes (IoU < 0.3)."""
+    own_boxes, labels, keepers = [], [], []
+    for t, d in zip(targets, before):
+        own = branch.owns(t["labels"])
+        keep = d["scores"] >= KEEPER_SCORE
+        if own.any() and keep.any():
+            keep &= box_iou(d["boxes"], t["boxes"][own]).max(1).values < 0.3
+        own_boxes.append(t["boxes"][own])
+        labels.append(t["labels"][own] - branch.first_label)
+        keepers.append(d["boxes"][keep])
+    return own_boxes, labels, keepers
+
+
+def _fit(branch: nn.Module, feats: Tensor, labels: Tensor, keepers: Tensor) -> dict:
+    """Prototypes, alpha and thresholds from the new objects' features ``feats`` (class ``labels``,
+    0-based) and the old objects' ``keepers``, set on ``branch``; returns them for the record."""
+    num_new = len(branch.prototypes)
     missing = [branch.first_label + c for c in range(num_new) if not (labels == c).any()]
     if missing:
         raise ValueError(f"calibrate needs labelled boxes of every new class; none of label(s) {missing}")
     prototypes = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(num_new)]), dim=1)
     own_similarity = (feats * prototypes[labels]).sum(1)
-    keepers = torch.cat(keeper_feats)
     old_similarity = (keepers @ prototypes.T).max(1).values
     median_new = own_similarity.median().item()
     look_alike = max(old_similarity.max().item(), median_new) if len(keepers) else 1.0
     at_least = torch.quantile(own_similarity, NEW_QUANTILE).item()
     boxes = torch.bincount(labels, minlength=num_new).to(feats)
     alpha = boxes / (boxes + PRIOR_BOXES)
-    branch.set_arbitration(prototypes, alpha, look_alike=look_alike, at_least=at_least)
+    set_arbitration(branch, prototypes, alpha, look_alike=look_alike, at_least=at_least)
     quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
     learned = {
         "new_boxes": len(feats),
@@ -132,7 +171,7 @@ def _calibrate(model: nn.Module, heads, branch, examples, batch: int) -> dict:
     return learned
 
 
-def _chunks(items: Iterable, size: int):
+def chunks(items: Iterable, size: int):
     items = iter(items)
     while chunk := list(itertools.islice(items, size)):
         yield chunk

@@ -26,47 +26,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 
-from .arbitration import arbitrate, base_features
+from .arbitration import ARBITRATION_STATE, add_arbitration_state, arbitrate, base_features, set_arbitration
 from .teacher import add_teacher_boxes
 
-__all__ = ["Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
+__all__ = ["ARBITRATION_STATE", "Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
 
 log = logging.getLogger(__name__)
 
-ARBITRATION_STATE = ("prototypes", "alpha", "look_alike", "at_least", "calibrated")  # each branch's buffers
+MASK_ROIS = 16  # a branch's mask loss: at most this many positives per batch (time: 500 steps ~ +40 s on 2 cores)
 
 
 class Branch(nn.Module):
     """A box head and a predictor for labels ``first_label`` .. ``first_label + num_classes - 2``
     (``num_classes`` counts the branch's background, as torchvision's does). With ``others``, the
     predictor has one more output after them: "an object the model knew before", learned from the
-    teacher's detections (see ``BranchRoIHeads``)."""
+    teacher's detections (see ``BranchRoIHeads``). In a Mask R-CNN, a mask predictor of its own
+    classes reads the base's (frozen) mask head."""
 
     def __init__(
-        self, box_head: nn.Module, box_predictor: FastRCNNPredictor, first_label: int, others: bool = False
+        self,
+        box_head: nn.Module,
+        box_predictor: FastRCNNPredictor,
+        first_label: int,
+        others: bool = False,
+        mask_predictor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.box_head = box_head
         self.box_predictor = box_predictor
         self.first_label = first_label
         self.others = others
+        self.mask_predictor = mask_predictor  # Mask R-CNN: background + the branch's classes, on the base's mask head
         # the arbitration's state (detgraft.arbitration.calibrate): saved with the weights
-        width = box_predictor.cls_score.in_features
-        self.register_buffer("prototypes", box_predictor.cls_score.weight.new_zeros(self.num_classes - 1, width))
-        self.register_buffer("alpha", box_predictor.cls_score.weight.new_ones(self.num_classes - 1))
-        self.register_buffer("look_alike", box_predictor.cls_score.weight.new_ones(()))
-        self.register_buffer("at_least", box_predictor.cls_score.weight.new_ones(()))
-        self.register_buffer("calibrated", torch.tensor(False, device=box_predictor.cls_score.weight.device))
+        add_arbitration_state(self, self.num_classes - 1, box_predictor.cls_score.weight)
 
     def set_arbitration(self, prototypes: Tensor, alpha: Tensor, look_alike: float, at_least: float) -> None:
-        with torch.no_grad():
-            self.prototypes.copy_(prototypes)
-            self.alpha.copy_(alpha)
-            self.look_alike.fill_(look_alike)
-            self.at_least.fill_(at_least)
-            self.calibrated.fill_(True)
+        set_arbitration(self, prototypes, alpha, look_alike, at_least)
 
     @property
     def num_classes(self) -> int:
@@ -103,6 +100,8 @@ class BranchRoIHeads(RoIHeads):
                 raise ValueError("training a branch needs targets")
             branch = self.branches[-1]
             targets = [_branch_targets(t, branch) for t in targets]
+            if self.has_mask():  # torchvision's checks want masks; boxes without one have none (detgraft.masks)
+                targets = [t if "masks" in t else {**t, "masks": t["boxes"].new_zeros(0, 1, 1)} for t in targets]
             if branch.others:
                 with torch.no_grad():
                     # the RPN sorts proposals by objectness: the top ones are those the base sees at inference
@@ -110,11 +109,16 @@ class BranchRoIHeads(RoIHeads):
                     taught = self._teacher_detections(features, top, image_shapes, branch, self.ignore)
                 others = branch.num_classes
                 targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
-            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+            proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
             x = branch.box_head(self.box_roi_pool(features, proposals, image_shapes))
             class_logits, box_regression = branch.box_predictor(x)
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+            if branch.mask_predictor is not None:
+                losses["loss_mask"] = self._branch_mask_loss(
+                    features, proposals, matched, labels, targets, image_shapes
+                )
+            return [], losses
 
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         per_source = self._per_source(pooled, proposals, image_shapes, self.branches)
@@ -140,15 +144,54 @@ class BranchRoIHeads(RoIHeads):
             self._add_masks(features, result, image_shapes)
         return result, {}
 
+    def _branch_mask_loss(self, features, proposals, matched, labels, targets, image_shapes) -> Tensor:
+        """torchvision's mask loss of the newest branch's mask predictor on the base's mask head
+        features, over the sampled positives of the branch's classes matched to a box with a mask
+        (box ``k`` has one when ``k < len(masks)``, see ``detgraft.masks``), at most
+        ``MASK_ROIS`` per batch (the first ones the sampler drew); 0 without any."""
+        branch = self.branches[-1]
+        boxes, chosen, left = [], [], MASK_ROIS
+        for k, (p, m, label, t) in enumerate(zip(proposals, matched, labels, targets)):
+            has = len(t["masks"]) if "masks" in t else 0
+            pos = torch.where((label > 0) & (label < branch.num_classes) & (m < has))[0][:left]
+            left -= len(pos)
+            boxes.append(p[pos])
+            if len(pos):
+                chosen.append((k, m[pos]))
+        if not chosen:
+            return sum(p.sum() for p in branch.mask_predictor.parameters()) * 0.0
+        with torch.no_grad():
+            x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        return maskrcnn_loss(
+            branch.mask_predictor(x),
+            [boxes[k] for k, _ in chosen],
+            [targets[k]["masks"] for k, _ in chosen],
+            [targets[k]["labels"] for k, _ in chosen],
+            [m for _, m in chosen],
+        )
+
     def _add_masks(self, features, result: list[dict[str, Tensor]], image_shapes) -> None:
         """A Mask R-CNN's masks for the merged detections, as torchvision infers them: the base's
-        mask head, each detection reading its label's channel (a new class's channel is the one
-        ``expand_predictor`` added: the mean old mask until a mask loss trains it)."""
-        boxes = [r["boxes"] for r in result]
-        x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
-        probs = maskrcnn_inference(self.mask_predictor(x), [r["labels"] for r in result])
-        for r, masks in zip(result, probs):
-            r["masks"] = masks
+        mask head, an old class's detection reading its channel of the base's mask predictor (the
+        base's own computation on the old detections), a new class's reading its branch's."""
+        heads = [(self.mask_predictor, 0, lambda labels: labels < self.base_width)]
+        heads += [(b.mask_predictor, b.first_label - 1, b.owns) for b in self.branches]
+        for r in result:
+            r["masks"] = r["boxes"].new_zeros(len(r["boxes"]), 1, *self._mask_size())
+        for predictor, shift, picks in heads:
+            chosen = [picks(r["labels"]) for r in result]
+            boxes = [r["boxes"][c] for r, c in zip(result, chosen)]
+            if sum(len(b) for b in boxes) == 0:
+                continue
+            x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+            probs = maskrcnn_inference(predictor(x), [r["labels"][c] - shift for r, c in zip(result, chosen)])
+            for r, c, masks in zip(result, chosen, probs):
+                r["masks"][c] = masks
+
+    def _mask_size(self) -> tuple[int, int]:
+        """The masks torchvision's mask predictor writes: twice its RoI pool's size."""
+        size = self.mask_roi_pool.output_size
+        return (2 * size[0], 2 * size[1])
 
     def _base_detections(self, pooled: Tensor, proposals, image_shapes):
         """The base's detections, computed as the base computes them: its predictor's first
@@ -235,7 +278,15 @@ def add_branch(
             new.cls_score.bias[-1] = cls_bias[1 : labels[0]].mean(0)
             new.bbox_pred.weight[-4:] = box_weight[4 : 4 * labels[0]].view(-1, 4, box_weight.shape[1]).mean(0)
             new.bbox_pred.bias[-4:] = box_bias[4 : 4 * labels[0]].view(-1, 4).mean(0)
-    branch = Branch(copy.deepcopy(heads.box_head), new, labels[0], others)
+    mask_predictor = None
+    if heads.has_mask():  # background and ``labels``' channels of the widened mask predictor
+        mask_predictor = copy.deepcopy(heads.mask_predictor)
+        logits = mask_predictor.mask_fcn_logits
+        rows = torch.tensor(rows, device=logits.weight.device)
+        logits.weight = nn.Parameter(logits.weight.detach()[rows].clone())
+        logits.bias = nn.Parameter(logits.bias.detach()[rows].clone())
+        logits.out_channels = len(rows)
+    branch = Branch(copy.deepcopy(heads.box_head), new, labels[0], others, mask_predictor)
     for p in model.parameters():
         p.requires_grad_(False)
     heads.branches.append(branch)
@@ -267,6 +318,19 @@ def restore_branches(model: nn.Module, layout: dict) -> None:
 
 
 def _branch_targets(target: dict[str, Tensor], branch: Branch) -> dict[str, Tensor]:
-    """The branch's view of a target: its own classes as 1..n; every other box is background to it."""
-    own = branch.owns(target["labels"])
-    return {**target, "boxes": target["boxes"][own], "labels": target["labels"][own] - branch.first_label + 1}
+    """The branch's view of a target: its own classes as 1..n; boxes the user labelled with an
+    older class (``extend --existing train``) its ``others`` output (without one: background, as
+    every other box)."""
+    labels = target["labels"]
+    own = branch.owns(labels)
+    older = (labels >= 1) & (labels < branch.first_label) if branch.others else torch.zeros_like(own)
+    keep = own | older
+    others = torch.full_like(labels, branch.num_classes)
+    view = {
+        **target,
+        "boxes": target["boxes"][keep],
+        "labels": torch.where(own, labels - branch.first_label + 1, others)[keep],
+    }
+    if "masks" in target:  # the first len(masks) boxes have one; they stay first
+        view["masks"] = target["masks"][keep[: len(target["masks"])]]
+    return view

@@ -19,6 +19,11 @@ BACKGROUND = "__background__"
 UNUSED = "N/A"
 
 
+def normalize_name(name: str) -> str:
+    """How class names are matched: case-, space-, '_' and '-'-insensitive ('Traffic light' = 'traffic_light')."""
+    return "".join(ch for ch in str(name).lower() if ch not in " _-")
+
+
 def coco_names() -> list[str]:
     """The 91 labels of torchvision's COCO detectors ('__background__' at 0, 'N/A' for unused ids)."""
     from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights

@@ -26,6 +26,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .branch import ARBITRATION_STATE, branch_layout, restore_branches
 from .card import ModelCard, get_card
+from .dense_branch import dense_branch_layout, restore_dense_branches
 from .families import num_classes
 from .loading import build_architecture, torchvision_builder
 
@@ -78,7 +79,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
         "weights_sha256": digest,
         # what a builder called without weights does not reproduce (torchvision freezes both
         # only when it loads pretrained weights)
-        "branches": branch_layout(model),
+        "branches": branch_layout(model) or dense_branch_layout(model),
         "frozen_batchnorm": [n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)],
         "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad],
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
@@ -109,7 +110,8 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     for name in meta.get("frozen_batchnorm", []):
         _freeze_batchnorm(model, name)
     if meta.get("branches"):
-        restore_branches(model, meta["branches"])
+        restore = restore_dense_branches if meta["branches"].get("kind") == "dense" else restore_branches
+        restore(model, meta["branches"])
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     uncalibrated = [k for k in missing if k.rpartition(".")[2] in ARBITRATION_STATE]
     if unexpected or len(uncalibrated) < len(missing):

@@ -2,14 +2,17 @@
 
     detgraft inspect MODEL [--weights W] [--classes C]
     detgraft predict MODEL IMAGE_OR_DIR --out DIR [--score 0.5]
-    detgraft eval MODEL --data test.json --images DIR [--compare BASE] [--out DIR]
+    detgraft eval MODEL --data DATA [--images DIR] [--compare BASE] [--out DIR]
     detgraft drift MODEL --base BASE --images DIR
-    detgraft extend --base MODEL --train new.json --images DIR [--val val.json] --out DIR
+    detgraft extend --base MODEL --train DATA [--train DATA ...] [--images DIR] [--val DATA] --out DIR
+    detgraft data check DATA [DATA ...] [--json FILE]
     detgraft demo [--out runs/demo] [--quick]
 
 MODEL is what ``detgraft.load_model`` accepts: a checkpoint folder, a torchvision builder name with
 ``--weights DEFAULT|COCO_V1|FILE``, ``file.py:function`` with ``--weights FILE``, or a pickled model
-with ``--trust-pickle``.
+with ``--trust-pickle``. DATA is a COCO json (its images in ``--images``, else beside it), a Pascal
+VOC folder or split file, or a YOLO folder or data.yaml (``detgraft.readers``); every DATA is
+checked first (``detgraft.data_check``), and ``--skip-bad`` leaves out images that cannot be read.
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=_predict)
 
     ev = sub.add_parser("eval", parents=[model], help="COCO AP per class and group, confusions, report.html")
-    ev.add_argument("--data", required=True, help="COCO json with the labels")
-    ev.add_argument("--images", required=True, help="folder of the json's file_names")
+    ev.add_argument("--data", required=True, help="the labelled images: COCO json, Pascal VOC or YOLO")
+    ev.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
+    ev.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (counted)")
     ev.add_argument("--compare", help="the base model, to show AP before/after and forgetting")
     ev.add_argument("--compare-weights", help="--weights of the base")
     ev.add_argument("--compare-classes", help="--classes of the base")
@@ -97,14 +101,29 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", help="--weights of the base")
     ex.add_argument("--classes", help="--classes of the base")
     ex.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole model (runs its code)")
-    ex.add_argument("--train", required=True, help="COCO json labelling only the new classes (its categories)")
-    ex.add_argument("--images", required=True, help="folder of the json files' file_names")
-    ex.add_argument("--val", help="COCO json with old and new classes labelled: AP and report.html at the end")
-    ex.add_argument("--replay", help="COCO json of annotated old-class images to mix in")
+    ex.add_argument(
+        "--train",
+        required=True,
+        action="append",
+        help="labels of the new classes (their categories): COCO json, Pascal VOC or YOLO; repeat to combine",
+    )
+    ex.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
+    ex.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (counted)")
+    ex.add_argument("--val", help="old and new classes labelled (any format): AP and report.html at the end")
+    ex.add_argument("--replay", help="annotated old-class images to mix in (any format)")
     ex.add_argument("--out", required=True, help="folder for the checkpoint, settings, log and report")
     ex.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _settings_flags(ex)
     ex.set_defaults(run=_extend)
+
+    data = sub.add_parser("data", help="check a dataset before training or scoring")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="images, boxes per class, sizes and every problem, with what happens")
+    check.add_argument("paths", nargs="+", help="COCO json, Pascal VOC or YOLO datasets")
+    check.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
+    check.add_argument("--skip-bad", action="store_true", help="count unreadable images as left out, not as errors")
+    check.add_argument("--json", help="also write the reports to this JSON file")
+    check.set_defaults(run=_data_check)
 
     demo = sub.add_parser("demo", help="the whole story offline, on shapes it draws (a few minutes on 2 cores)")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, models and reports")
@@ -150,16 +169,13 @@ def _float_or_none(text: str) -> float | None:
 
 def _extend(args: argparse.Namespace) -> int:
     from dataclasses import fields
-    from pathlib import Path
 
-    from .evaluate import load_dataset
     from .extend import ExtendSettings, extend
 
     settings = ExtendSettings(**{f.name: getattr(args, f.name) for f in fields(ExtendSettings)})
-    images = Path(args.images)
-    train = load_dataset(args.train, images)
-    val = load_dataset(args.val, images) if args.val else None
-    replay = load_dataset(args.replay, images) if args.replay else None
+    train = read_checked(args.train, args.images, args.skip_bad)
+    val = read_checked([args.val], args.images, args.skip_bad) if args.val else None
+    replay = read_checked([args.replay], args.images, args.skip_bad) if args.replay else None
     model = load_model(args.base, args.weights, args.classes, trust_pickle=args.trust_pickle)
     try:
         extend(model, train, settings, out=args.out, val=val, replay=replay, resume=args.resume)
@@ -199,6 +215,13 @@ def _inspect(args: argparse.Namespace) -> int:
         summary.add_row(
             "class layer", f"{spec.path}: {channels} channels = {spec.anchors} anchors x {card.num_classes} classes"
         )
+    heads = getattr(model, "roi_heads", None) or getattr(model, "head", None)
+    for k, branch in enumerate(getattr(heads, "branches", [])):
+        first, last = branch.first_label, branch.first_label + branch.num_classes - 1 - hasattr(branch, "box_predictor")
+        parts = "box head + predictor" if hasattr(branch, "box_predictor") else "classification head"
+        if getattr(branch, "mask_predictor", None) is not None:
+            parts += " + mask predictor"
+        summary.add_row(f"branch {k + 1}", f"labels {first}..{last}: {parts} (strategy branch; the base frozen)")
     summary.add_row(
         "parameters",
         f"{sum(p.numel() for p in params):,} ({sum(p.numel() for p in params if p.requires_grad):,} trainable)",
@@ -237,6 +260,47 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_checked(paths: list[str], images: str | None, skip_bad: bool):
+    """The datasets at ``paths`` read, checked (a problem to fix raises ``DataError``) and combined."""
+    from .data_check import check_dataset
+    from .readers import combine, read_dataset
+
+    checked = []
+    for path in paths:
+        data, report = check_dataset(read_dataset(path, images), skip_bad=skip_bad)
+        counts = ", ".join(f"{k} {n}" for k, n in report.counts().items()) or "no problems"
+        log.info("%s: %d images, %d boxes; %s", path, report.images, sum(report.boxes_per_class.values()), counts)
+        checked.append(data)
+    return combine(checked)
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from .data_check import check_dataset
+    from .readers import read_dataset
+
+    console, reports, failed = Console(), [], False
+    for path in args.paths:
+        try:
+            _, report = check_dataset(read_dataset(path, args.images), skip_bad=args.skip_bad, raise_errors=False)
+        except (ValueError, FileNotFoundError) as err:  # a file that cannot be parsed at all
+            log.error("%s", err)
+            reports.append({"source": path, "unreadable": str(err)})
+            failed = True
+            continue
+        for table in report.table():
+            console.print(table)
+        if report.errors():
+            console.print(report.summary())
+            failed = True
+        reports.append(report.to_json())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=1)
+    return 1 if failed else 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     model = _load(args)
     files = find_images(args.input)
@@ -251,10 +315,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import compare, detect, evaluate, load_dataset
+    from .evaluate import compare, detect, evaluate
     from .report import write_evaluation
 
-    data = load_dataset(args.data, args.images)
+    data = read_checked([args.data], args.images, args.skip_bad)
     model = _load(args)
     detections = detect(model, data, device=args.device)
     result = evaluate(model, data, detections=detections, evaluator=args.evaluator, score=args.score)

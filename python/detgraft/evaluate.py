@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from rich.progress import track
 from torch import Tensor, nn
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
 
-from .card import get_card
+from .card import get_card, normalize_name
+from .image_files import load_image
 
 __all__ = ["Dataset", "Evaluation", "load_dataset", "detect", "evaluate", "compare", "drift", "confusions"]
 
@@ -35,10 +35,13 @@ EVALUATORS = ("pycocotools", "faster-coco-eval")
 
 @dataclass
 class Dataset:
-    """A COCO-format detection set: the json and the folder its ``file_name``s are in."""
+    """A COCO-format detection set: the json and the folder its ``file_name``s are in (absolute
+    file names, as ``detgraft.readers`` writes for VOC and YOLO, are taken as they are)."""
 
     coco: dict[str, Any]
     images: Path
+    source: str = ""  # the file or folder the labels came from, for messages
+    checked: bool = False  # by detgraft.data_check.check_dataset (what it returns)
 
     def path(self, image: dict[str, Any]) -> Path:
         return self.images / image["file_name"]
@@ -69,7 +72,7 @@ def load_dataset(annotations: str | Path, images: str | Path) -> Dataset:
     missing = {"images", "annotations", "categories"} - set(coco)
     if missing:
         raise ValueError(f"{str(annotations)!r} is not COCO detection json: it has no {sorted(missing)}")
-    return Dataset(coco, images)
+    return Dataset(coco, images, source=str(annotations))
 
 
 @dataclass
@@ -125,7 +128,7 @@ def detect(model: nn.Module, data: Dataset, *, device: str = "cpu", batch: int =
     out = {}
     for start in track(range(0, len(images), batch), description="detecting", transient=True):
         chunk = images[start : start + batch]
-        pictures = [decode_image(str(data.path(im)), mode=ImageReadMode.RGB).to(device).float() / 255 for im in chunk]
+        pictures = [load_image(str(data.path(im))).to(device).float() / 255 for im in chunk]
         for im, d in zip(chunk, model(pictures)):
             masks = d.pop("masks", None)
             out[im["id"]] = {k: v.cpu() for k, v in d.items()}
@@ -142,11 +145,11 @@ def _encode(masks: Tensor) -> list[dict[str, Any]]:
 
 
 def _label_to_category(model: nn.Module, data: Dataset) -> dict[int, int]:
-    by_name = {c["name"].lower(): c["id"] for c in data.coco["categories"]}
+    by_name = {normalize_name(c["name"]): c["id"] for c in data.coco["categories"]}
     return {
-        label: by_name[name.lower()]
+        label: by_name[normalize_name(name)]
         for label, name in enumerate(get_card(model).classes)
-        if label > 0 and name.lower() in by_name
+        if label > 0 and normalize_name(name) in by_name
     }
 
 
@@ -227,8 +230,7 @@ def evaluate(
         n for label, n in enumerate(card.classes) if label > 0 and n != "N/A" and label not in dict(scored)
     ]
     unknown = sorted(
-        {c["name"] for c in data.coco["categories"] if counts.get(c["id"])}
-        - {card.classes[label] for label, _ in scored}
+        {c["name"] for c in data.coco["categories"] if counts.get(c["id"]) and c["id"] not in set(mapping.values())}
     )
     if unknown:
         log.warning("the data labels classes the model does not have (not scored): %s", ", ".join(unknown))

@@ -28,12 +28,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .arbitration import calibrate
-from .card import get_card
+from .card import UNUSED, get_card, normalize_name
 from .checkpoint import save_checkpoint
+from .data_check import check_dataset
 from .evaluate import Dataset
 from .incremental import STRATEGIES, check_strategy, incremental
 from .surgery import INITS, expand_predictor
-from .training_data import TrainingSet
+from .training_data import TrainingSet, training_batches
 
 __all__ = ["ExtendSettings", "extend"]
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LAST, STATE = "last", "train_state.pt"
 AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 500
+EXISTING = ("error", "train", "ignore")
 
 
 def _flag(help: str, **kw: Any) -> Any:
@@ -66,10 +68,20 @@ class ExtendSettings:
     init: str = _flag(f"how the new rows start: one of {', '.join(INITS)}", default="preserve")
     keep: float = _flag("pseudo/distill: teacher score that makes a label", default=0.7)
     ignore: float = _flag("pseudo/distill: teacher score from which a box is left out of the loss", default=0.3)
+    existing: str = _flag(
+        "a training category the model already has: error (say so), train (its boxes are more data for that class; "
+        "branch: they teach the branch what is not new) or ignore (leave them out)",
+        default="error",
+    )
     merge_iou: float | None = _flag(
         "branch: overlap at which the stronger of an old and a new detection wins (none: keep both)", default=0.5
     )
     hflip: bool = _flag("flip half the images left-right", default=True)
+    jitter: bool = _flag(
+        "also photometric distortion, zoom out and IoU crops (torchvision.transforms.v2, seeded per example)",
+        default=False,
+    )
+    workers: int = _flag("processes decoding the next batches while the model trains (0: in the loop)", default=1)
     seed: int = _flag("seed of batches, flips and samplers", default=0)
     checkpoint_every: int = _flag("write OUT/last every this many steps", default=100)
     device: str = _flag("cpu or cuda", default="cpu")
@@ -77,8 +89,12 @@ class ExtendSettings:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
+        if self.existing not in EXISTING:
+            raise ValueError(f"existing {self.existing!r} is unknown: choose one of {', '.join(EXISTING)}")
         if self.init not in INITS:
             raise ValueError(f"init {self.init!r} is unknown: choose one of {', '.join(INITS)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 or more; got {self.workers}")
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
@@ -92,19 +108,32 @@ def auto_steps(images: int, batch_size: int) -> int:
     return min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, math.ceil(AUTO_EPOCHS * images / batch_size)))
 
 
-def new_class_names(data: Dataset, model: nn.Module) -> list[str]:
-    """The training file's categories (in id order): the classes to add."""
-    names = [c["name"] for c in sorted(data.coco["categories"], key=lambda c: c["id"])]
-    known = {n.lower(): i for i, n in enumerate(get_card(model).classes)}
-    clash = [f"{n!r} (label {known[n.lower()]})" for n in names if n.lower() in known]
-    if clash:
+def class_mapping(data: Dataset, model: nn.Module, existing: str = "error") -> tuple[list[str], dict[int, int]]:
+    """The classes to add (the training file's categories the model does not have, in id order)
+    and each category id's label. A category the model already has (names matched by
+    ``normalize_name``) is an error, or with ``existing`` "train" its boxes get the model's label,
+    with "ignore" they are left out."""
+    card = get_card(model)
+    known = {normalize_name(n): i for i, n in enumerate(card.classes) if i > 0 and n != UNUSED}
+    categories = sorted(data.coco["categories"], key=lambda c: c["id"])
+    clash = [c for c in categories if normalize_name(c["name"]) in known]
+    if clash and existing == "error":
+        listed = ", ".join(f"{c['name']!r} (the model's label {known[normalize_name(c['name'])]})" for c in clash)
         raise ValueError(
-            f"the training file's categories are the classes to add, but the model already has {', '.join(clash)}: "
-            "remove those categories from the file, or pass their images with --replay"
+            f"the training file's categories are the classes to add, but the model already has {listed}. "
+            "Choose what their boxes do: --existing train (more data for the model's class; with the branch strategy "
+            "they teach the new branch what is not new) or --existing ignore (left out)"
         )
+    names = [c["name"] for c in categories if c not in clash]
     if not names:
-        raise ValueError("the training file has no categories: they name the classes to add")
-    return names
+        raise ValueError("the training file has no category the model lacks: its categories name the classes to add")
+    first = card.num_classes
+    by_id = {c["id"]: first + names.index(c["name"]) for c in categories if c not in clash}
+    if existing == "train":
+        by_id |= {c["id"]: known[normalize_name(c["name"])] for c in clash}
+    if clash:
+        log.info("categories the model has: %s (--existing %s)", ", ".join(c["name"] for c in clash), existing)
+    return names, by_id
 
 
 def extend(
@@ -140,7 +169,8 @@ def extend(
 def _extend(model, train, settings, out, val, replay, resume):
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    names = new_class_names(train, model)
+    train, val, replay = (_checked(d) for d in (train, val, replay))
+    names, by_id = class_mapping(train, model, settings.existing)
     card = get_card(model)
     if card.builder is None:  # found out now, not after training, when the checkpoint is written
         raise ValueError(
@@ -149,9 +179,8 @@ def _extend(model, train, settings, out, val, replay, resume):
         )
     kind = check_strategy(model, settings.strategy)  # found out now, not after the model is widened
     first = card.num_classes
-    mapping = {c["name"]: first + names.index(c["name"]) for c in train.coco["categories"]}
+    mapping = {name: first + k for k, name in enumerate(names)}
     log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))
-    by_id = {c["id"]: mapping[c["name"]] for c in train.coco["categories"]}
     data = TrainingSet(train, by_id, masks=kind == "mask_rcnn")
     boxes_of = torch.bincount(torch.cat([labels for _, _, labels, _ in data.items]), minlength=first + len(names))
     empty = [n for n, label in mapping.items() if boxes_of[label] == 0]
@@ -169,7 +198,7 @@ def _extend(model, train, settings, out, val, replay, resume):
         log.info("%d training images: %d steps of %d (--steps auto)", len(data), settings.steps, settings.batch_size)
     saved = {
         "settings": asdict(settings),
-        "train": str(train.images),
+        "train": train.source or str(train.images),
         "mapping": mapping,
         "replay": str(replay.images) if replay else None,
     }
@@ -225,6 +254,13 @@ def _extend(model, train, settings, out, val, replay, resume):
     if val is not None:
         _evaluate(model, val, out, settings.device, before)
     return model
+
+
+def _checked(data: Dataset | None) -> Dataset | None:
+    """``data`` after ``detgraft.data_check`` (a problem to fix raises here, before the model is touched)."""
+    if data is None or data.checked:
+        return data
+    return check_dataset(data)[0]
 
 
 def optimizer_and_schedule(model: nn.Module, settings: ExtendSettings):
@@ -284,8 +320,9 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> dict[str, 
     tick = time.perf_counter()
     with Progress(*columns, transient=False) as bar, _StopRequest() as stop:
         task = bar.add_task(settings.strategy, total=settings.steps, completed=step, losses="", rate="")
+        batches = iter(training_batches(data, step, settings.steps, settings))
         while step < settings.steps:
-            images, targets = data.batch(step, settings.batch_size, settings.seed, settings.hflip)
+            images, targets = next(batches)
             images = [im.to(settings.device) for im in images]
             targets = [{k: v.to(settings.device) for k, v in t.items()} for t in targets]
             loss_dict = model(images, targets)
@@ -348,7 +385,7 @@ def _check_resume(out: Path, saved: dict) -> None:
     changed = [
         k
         for k in set(before["settings"]) | set(saved["settings"])
-        if k != "steps" and before["settings"].get(k) != saved["settings"].get(k)
+        if k not in ("steps", "workers") and before["settings"].get(k) != saved["settings"].get(k)
     ]
     changed += [k for k in ("train", "mapping", "replay") if before.get(k) != saved.get(k)]
     if changed:

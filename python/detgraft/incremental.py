@@ -12,7 +12,8 @@ Strategies (README, "Strategies", has the measured comparison):
   classes' objects in the new images; uncertain teacher boxes are left out of the loss.
 - ``distill``: ``pseudo`` plus distillation of the teacher's responses (``detgraft.distill``).
 - ``branch`` (default): the base stays frozen and bit-identical; a new box branch learns the new
-  classes and detections are merged (``detgraft.branch``).
+  classes and detections are merged (``detgraft.branch``; RetinaNet / FCOS: a classification
+  branch, ``detgraft.dense_branch``).
 
 All but ``branch`` freeze BatchNorm statistics first (``freeze_batchnorm``): live BatchNorm drifts
 on new data. ``branch`` keeps the base's BatchNorm layers as they are, in eval mode.
@@ -30,6 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from . import families
 from .branch import add_branch
 from .card import get_card
+from .dense_branch import add_dense_branch
 from .distill import add_distillation
 from .masks import allow_boxes_without_masks
 from .teacher import add_teacher_boxes
@@ -39,12 +41,12 @@ __all__ = ["STRATEGIES", "freeze_batchnorm", "incremental"]
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("naive", "head", "pseudo", "distill", "branch")
-# the RoI-head strategies need an R-CNN; pseudo labels and distillation are not yet written for one-stage losses
+# pseudo labels and distillation are not yet written for one-stage losses, nor a branch for SSD's softmax heads
 STRATEGIES_OF = {
     "faster_rcnn": STRATEGIES,
     "mask_rcnn": STRATEGIES,
-    "retinanet": ("naive", "head"),
-    "fcos": ("naive", "head"),
+    "retinanet": ("naive", "head", "branch"),
+    "fcos": ("naive", "head", "branch"),
     "ssd": ("naive", "head"),
 }
 
@@ -120,7 +122,9 @@ def incremental(
         teacher = _add_pseudo_labels(model, keep, ignore, min(new_labels))
         if strategy == "distill":
             add_distillation(model, teacher, min(new_labels))
-    if strategy == "branch":
+    if strategy == "branch" and kind in ("retinanet", "fcos"):
+        add_dense_branch(model, new_labels, merge_iou)
+    elif strategy == "branch":
         add_branch(model, new_labels, merge_iou, others=others, keep=keep, ignore=ignore)
         # the frozen RPN's losses carry no gradient: leave them out of the loss dict
         model.register_forward_hook(_drop_rpn_losses)

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from rich.progress import track
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .card import get_card
+from .image_files import load_image
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "Prediction"]
 
@@ -74,7 +75,7 @@ def predict_files(
     predictions, skipped = [], []
     for file in track(files, description="detecting", transient=True):
         try:
-            image = decode_image(str(file), mode=ImageReadMode.RGB)
+            image = load_image(str(file))
         except (RuntimeError, OSError, ValueError) as err:
             log.warning("skipped %s: cannot read it as an image (%s)", file, str(err).splitlines()[0])
             skipped.append({"file": str(file), "error": str(err).splitlines()[0]})

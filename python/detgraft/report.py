@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, encode_png
+from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes
 
 from .evaluate import Dataset, Evaluation
+from .image_files import load_image
 from .predict import _PALETTE
 
 __all__ = ["write_evaluation", "write_report"]
@@ -78,7 +79,7 @@ def _pr_curves(after: Evaluation) -> str | None:
 
 
 def _drawn(path: Path, d: dict[str, Tensor] | None, classes: list[str], score: float) -> str:
-    image = decode_image(str(path), mode=ImageReadMode.RGB)
+    image = load_image(str(path))
     if d is not None and bool((d["scores"] >= score).any()):  # draw_bounding_boxes warns on none
         keep = d["scores"] >= score
         labels = d["labels"][keep].tolist()

@@ -1,0 +1,76 @@
+"""Image files as a detector reads them: 8-bit RGB whatever the file holds, turned upright.
+
+Labelling tools export JPEG and PNG in every mode: grayscale, palette, RGBA, 16-bit, and photos
+whose camera orientation is only in the EXIF tag (the labels were drawn on the upright picture).
+``load_image`` decodes them all to a ``uint8`` tensor ``[3, H, W]`` with the EXIF orientation
+applied, through torchvision's decoders (what torchvision's detection references use) and Pillow
+for what those do not read (BMP, TIFF, ...). A file that cannot be read raises ``ImageError``
+naming it; ``detgraft data check`` finds every such file before training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+__all__ = ["ImageError", "image_size", "load_image"]
+
+
+class ImageError(ValueError):
+    """An image file that is missing or cannot be decoded (the message names it)."""
+
+
+def load_image(path: str | Path) -> Tensor:
+    """The image at ``path`` as ``uint8 [3, H, W]``, RGB, upright."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image {str(path)!r} does not exist")
+    try:
+        image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:
+        return _load_with_pillow(path)
+    if image.dtype != torch.uint8:  # a 16-bit PNG
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
+def _load_with_pillow(path: Path) -> Tensor:
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the high byte
+                image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(
+            f"cannot read image {str(path)!r} ({err}): re-export it, or leave it out (detgraft data check --skip-bad)"
+        ) from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the upright image, from its header; ``ImageError`` if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"cannot read image {str(path)!r} ({err})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def verify_image(path: str | Path) -> tuple[int, int]:
+    """Decodes the whole file (a truncated JPEG fails here, not at step 400); its upright (width, height)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot read image {str(path)!r} ({err})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

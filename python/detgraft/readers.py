@@ -1,0 +1,294 @@
+"""The user's labels as labelling tools export them: COCO json, Pascal VOC XML, YOLO txt.
+
+Every reader returns detgraft's one form, a ``Dataset``: a COCO-format dict (``images``,
+``annotations`` with ``bbox`` as ``[x, y, width, height]`` in pixels, ``categories`` with names)
+and the folder its file names are relative to. ``read_dataset`` tells the format from the path:
+
+- a ``.json`` file: COCO (images in ``images=``, else the json's ``images/`` folder, else its own);
+- a folder with ``Annotations/`` (the VOC layout) or ``*.xml`` files, or a VOC ``ImageSets/Main/*.txt``
+  split: Pascal VOC (classes in name order; ``difficult`` objects become ``iscrowd``: left out of
+  training and of scoring);
+- a folder with ``data.yaml`` (its ``train`` images), a ``data.yaml`` itself, or a YOLO images
+  folder (``.../images/...``, labels in the matching ``.../labels/...``): YOLO, class names from
+  ``data.yaml`` (or ``classes.txt``), normalised ``class cx cy w h`` (a polygon's box for
+  segmentation lines) turned into pixels with the upright image's size.
+
+``combine`` joins several into one. The readers only read: what is wrong inside (a string where a
+number belongs, a box outside its image, an id that is not there) is for ``detgraft.data_check``,
+which names the file and the line or id. A file that cannot be parsed at all raises ``ValueError``
+naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .card import normalize_name
+from .evaluate import Dataset
+from .image_files import ImageError, image_size
+
+__all__ = ["combine", "read_coco", "read_dataset", "read_voc", "read_yolo"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_dataset(path: str | Path, images: str | Path | None = None) -> Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    if path.suffix.lower() == ".json":
+        return read_coco(path, images)
+    if path.suffix.lower() in (".yaml", ".yml") or (path / "data.yaml").is_file():
+        return read_yolo(path)
+    if path.suffix.lower() == ".txt" and path.parent.name == "Main":
+        return read_voc(path)
+    if path.is_dir() and ((path / "Annotations").is_dir() or any(path.glob("*.xml"))):
+        return read_voc(path)
+    if path.is_dir() and ("images" in path.parts or (path / "labels").is_dir()):
+        return read_yolo(path)
+    raise ValueError(
+        f"{str(path)!r} is not a dataset detgraft reads: give a COCO .json, a Pascal VOC folder (Annotations/ or "
+        "*.xml files), or a YOLO folder (data.yaml, images/ and labels/)"
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+
+
+def read_coco(path: str | Path, images: str | Path | None = None) -> Dataset:
+    path = Path(path)
+    try:
+        coco = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); a cut-off export?"
+        ) from None
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations")):
+        raise ValueError(f"{str(path)!r} is not COCO detection json: it needs lists 'images' and 'annotations'")
+    if not isinstance(coco.get("categories"), list):
+        raise ValueError(f"{str(path)!r} is not COCO detection json: it needs a list 'categories' (id and name)")
+    if images is None:
+        images = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder {str(images)!r} does not exist")
+    return Dataset(coco, images, source=str(path))
+
+
+def read_voc(path: str | Path) -> Dataset:
+    """A VOC root (``Annotations/``, ``JPEGImages/``), a split file ``ImageSets/Main/NAME.txt``, or a
+    folder of XML files with their images beside them."""
+    path = Path(path)
+    if path.is_file():  # ImageSets/Main/split.txt
+        root = path.parents[2]
+        stems = [line.split()[0] for line in _read_text(path).splitlines() if line.strip()]
+        files = [root / "Annotations" / f"{stem}.xml" for stem in stems]
+    else:
+        root = path
+        folder = path / "Annotations" if (path / "Annotations").is_dir() else path
+        files = sorted(folder.glob("*.xml"))
+    image_folder = root / "JPEGImages" if (root / "JPEGImages").is_dir() else None
+    coco: dict = {"images": [], "annotations": [], "categories": []}
+    for image_id, xml in enumerate(files, start=1):
+        if not xml.is_file():
+            raise FileNotFoundError(f"{str(path)!r} lists {xml.stem!r}, but {str(xml)!r} does not exist")
+        try:
+            node = ET.parse(xml).getroot()
+        except ET.ParseError as err:
+            raise ValueError(f"{str(xml)!r} is not valid XML ({err}); a cut-off export?") from None
+        file_name = (node.findtext("filename") or f"{xml.stem}.jpg").strip()
+        located = (image_folder or xml.parent) / file_name
+        if not located.is_file() and image_folder is None:
+            located = root / file_name
+        entry = {"id": image_id, "file_name": str(located.resolve()), "source": str(xml)}
+        size = node.find("size")
+        if size is not None:
+            entry["width"], entry["height"] = _number(size.findtext("width")), _number(size.findtext("height"))
+        coco["images"].append(entry)
+        for k, obj in enumerate(node.iter("object"), start=1):
+            name = (obj.findtext("name") or "").strip()
+            box = obj.find("bndbox")
+            values = [_number(box.findtext(t)) if box is not None else None for t in ("xmin", "ymin", "xmax", "ymax")]
+            if all(isinstance(v, float) for v in values):
+                x0, y0, x1, y1 = values
+                bbox = [x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1]  # 1-based inclusive pixels, as VOC counts
+            else:
+                bbox = values  # data_check names what is wrong
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": name,  # numbered below, in name order
+                    "bbox": bbox,
+                    "iscrowd": int(_number(obj.findtext("difficult")) == 1.0),
+                    "source": f"{xml} object {k}",
+                }
+            )
+    names = sorted({a["category_id"] for a in coco["annotations"]})
+    for a in coco["annotations"]:
+        a["category_id"] = names.index(a["category_id"]) + 1
+    coco["categories"] = [{"id": k, "name": n} for k, n in enumerate(names, start=1)]
+    return Dataset(coco, Path("/"), source=str(path))
+
+
+def _number(text: str | None) -> float | str | None:
+    """A float, or the text as it is (for data_check to name)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def read_yolo(path: str | Path) -> Dataset:
+    """A YOLO dataset: ``data.yaml`` (or its folder: the ``train`` split) or an images folder."""
+    path = Path(path)
+    yaml_file = path if path.is_file() else path / "data.yaml"
+    if yaml_file.is_file():
+        spec = _read_yaml(yaml_file)
+        names = _yolo_names(spec.get("names"), yaml_file)
+        base = yaml_file.parent / str(spec.get("path", "") or "")
+        train = spec.get("train") or "images"
+        image_files = []
+        for entry in train if isinstance(train, list) else [train]:
+            where = base / str(entry)
+            if where.suffix == ".txt":
+                image_files += [
+                    (where.parent / line.strip()).resolve() for line in _read_text(where).splitlines() if line.strip()
+                ]
+            elif where.is_dir():
+                image_files += _images_in(where)
+            else:
+                raise FileNotFoundError(f"{str(yaml_file)!r}: its train entry {str(where)!r} does not exist")
+    else:
+        names = _names_near(path)
+        image_files = _images_in(path / "images" if (path / "images").is_dir() else path)
+    coco: dict = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
+    }
+    for image_id, image in enumerate(image_files, start=1):
+        label_file = _label_file(image)
+        entry = {"id": image_id, "file_name": str(image), "source": str(label_file)}
+        coco["images"].append(entry)
+        try:
+            width, height = image_size(image)
+        except ImageError:
+            width = height = None  # data_check reports the image
+        if width is not None:
+            entry["width"], entry["height"] = width, height
+        if not label_file.is_file():
+            continue  # no label file: an image without objects, as YOLO counts it
+        for line_number, line in enumerate(_read_text(label_file).splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{label_file}:{line_number}"
+            annotation = {"id": len(coco["annotations"]) + 1, "image_id": image_id, "source": where}
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                values = None
+            if values is None or len(values) < 5 or len(values) % 2 == 0 or not values[0].is_integer():
+                annotation.update(category_id=None, bbox=line.strip())  # data_check: not a YOLO line
+            else:
+                annotation["category_id"] = int(values[0]) + 1
+                xs, ys = values[1::2], values[2::2]
+                if len(values) == 5:  # cx cy w h
+                    cx, cy, w, h = values[1:]
+                else:  # a segmentation polygon: its box
+                    cx, cy, w, h = (
+                        (min(xs) + max(xs)) / 2,
+                        (min(ys) + max(ys)) / 2,
+                        max(xs) - min(xs),
+                        max(ys) - min(ys),
+                    )
+                scale_w, scale_h = (width, height) if width is not None else (float("nan"), float("nan"))
+                annotation["bbox"] = [(cx - w / 2) * scale_w, (cy - h / 2) * scale_h, w * scale_w, h * scale_h]
+            annotation["iscrowd"] = 0
+            coco["annotations"].append(annotation)
+    return Dataset(coco, Path("/"), source=str(path))
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{str(path)!r} is not valid YAML ({err})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{str(path)!r} is not a YOLO data.yaml: it needs 'names' and 'train'")
+    return spec
+
+
+def _yolo_names(names, where: Path) -> list[str]:
+    if isinstance(names, dict) and all(isinstance(k, int) for k in names):
+        return [str(names.get(k, f"class{k}")) for k in range(max(names) + 1)] if names else []
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    raise ValueError(f"{str(where)!r}: 'names' must be a list of class names or a mapping index -> name")
+
+
+def _names_near(folder: Path) -> list[str]:
+    """Class names of a YOLO images folder: a data.yaml or classes.txt in it or up to 3 folders above."""
+    for parent in [folder, *list(folder.parents)[:3]]:
+        if (parent / "data.yaml").is_file():
+            return _yolo_names(_read_yaml(parent / "data.yaml").get("names"), parent / "data.yaml")
+        if (parent / "classes.txt").is_file():
+            return [n.strip() for n in _read_text(parent / "classes.txt").splitlines() if n.strip()]
+    raise FileNotFoundError(f"no data.yaml or classes.txt with the class names in or above {str(folder)!r}")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p.resolve() for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _label_file(image: Path) -> Path:
+    """YOLO's rule: the last ``images`` folder of the path becomes ``labels``, the suffix ``.txt``."""
+    parts = list(image.parts)
+    if "images" in parts:
+        k = len(parts) - 1 - parts[::-1].index("images")
+        parts[k] = "labels"
+    return Path(*parts).with_suffix(".txt")
+
+
+def combine(datasets: list[Dataset]) -> Dataset:
+    """One dataset of several: file names made absolute, ids renumbered, categories joined by
+    ``normalize_name`` (the first spelling kept)."""
+    if len(datasets) == 1:
+        return datasets[0]
+    coco: dict = {"images": [], "annotations": [], "categories": []}
+    by_name: dict[str, int] = {}
+    for data in datasets:
+        category = {}
+        for c in data.coco["categories"]:
+            key = normalize_name(c.get("name", ""))
+            if key not in by_name:
+                by_name[key] = len(by_name) + 1
+                coco["categories"].append({"id": by_name[key], "name": c.get("name")})
+            category[c.get("id")] = by_name[key]
+        image_ids = {}
+        for im in data.coco["images"]:
+            image_ids[im.get("id")] = len(coco["images"]) + 1
+            coco["images"].append(
+                {**im, "id": image_ids[im.get("id")], "file_name": str(data.path(im)), "source": data.source}
+            )
+        for a in data.coco["annotations"]:
+            coco["annotations"].append(
+                {
+                    **a,
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_ids.get(a.get("image_id"), a.get("image_id")),
+                    "category_id": category.get(a.get("category_id"), a.get("category_id")),
+                }
+            )
+    return Dataset(coco, Path("/"), source=" + ".join(d.source for d in datasets))
