@@ -286,10 +286,16 @@ def add_branch(
         logits.weight = nn.Parameter(logits.weight.detach()[rows].clone())
         logits.bias = nn.Parameter(logits.bias.detach()[rows].clone())
         logits.out_channels = len(rows)
-    branch = Branch(copy.deepcopy(heads.box_head), new, labels[0], others, mask_predictor)
+    return attach_branch(
+        model, heads.branches, Branch(copy.deepcopy(heads.box_head), new, labels[0], others, mask_predictor)
+    )
+
+
+def attach_branch(model: nn.Module, branches: nn.ModuleList, branch: nn.Module) -> nn.Module:
+    """Appends ``branch`` to ``branches``; every parameter of ``model`` but the new branch's is frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
-    heads.branches.append(branch)
+    branches.append(branch)
     for p in branch.parameters():
         p.requires_grad_(True)
     return branch

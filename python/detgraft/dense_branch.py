@@ -34,6 +34,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
 from .arbitration import add_arbitration_state, arbitrate, chunks, training_objects
+from .branch import attach_branch
 
 __all__ = ["DenseBranch", "add_dense_branch", "is_dense_branch_model"]
 
@@ -253,13 +254,7 @@ def add_dense_branch(model: nn.Module, labels: list[int], merge_iou: float | Non
         new.bias.copy_(conv.bias.view(anchors, cls_head.num_classes)[:, own].flatten())
     branch_head.cls_logits = new
     branch_head.num_classes = len(labels)
-    branch = DenseBranch(branch_head, labels[0])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head.branches.append(branch)
-    for p in branch.parameters():
-        p.requires_grad_(True)
-    return branch
+    return attach_branch(model, head.branches, DenseBranch(branch_head, labels[0]))
 
 
 def dense_branch_layout(model: nn.Module) -> dict | None:
