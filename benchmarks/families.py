@@ -199,7 +199,7 @@ def table(rows: dict) -> str:
         b, s = row["base"], row["step1"]
         steps = b.get("mask_steps") or b.get("head_steps")
         learns = "mask head" if family == "mask_rcnn" else "head"
-        cut = 1 - s["old_on_new"] / max(b["old_on_new"], 1)
+        cut = f"{1 - s['old_on_new'] / b['old_on_new']:.0%}" if b["old_on_new"] else "the base fires on none"
         mask = "old_mask_ap" in b
         lines += [
             f"| {TITLES[family]} base ({steps} steps, only the {learns} learns) | {b['old_ap']:.3f} | - "
@@ -216,15 +216,25 @@ def table(rows: dict) -> str:
                 if mask
                 else "- | -"
             )
-            + f" | {s['old_on_new']} ({cut:.0%}) | {s['seconds']:.0f} | {s['peak_rss_mb']} | `{s['command']}` |",
+            + f" | {s['old_on_new']} ({cut}) | {s['seconds']:.0f} | {s['peak_rss_mb']} | `{s['command']}` |",
         ]
     lines += [
         "",
-        "Mask R-CNN: new-class masks come from the mask channel `expand_predictor` adds (the mean old mask): `branch` "
-        "does not yet train a mask branch. RetinaNet: the branch is a classification head of its own on the frozen "
-        "FPN (`detgraft.dense_branch`); old and new detections are merged by score (the prototype calibration reads "
-        "an R-CNN box head).",
+        "Mask R-CNN: the branch trains a mask predictor of its own classes on the base's frozen mask head, where "
+        "masks are given (at most 16 positives per batch; `detgraft.branch.MASK_ROIS`); old detections keep the "
+        "base's masks. RetinaNet: the branch is a classification head of its own on the frozen FPN "
+        "(`detgraft.dense_branch`), calibrated (`detgraft.calibrate`) on the base classification tower's features "
+        "at the boxes.",
     ]
+    retina = rows.get("retinanet")
+    if retina and retina["base"]["old_ap"] < 0.1:
+        lines += [
+            "",
+            f"The RetinaNet base is too weak for its step-1 row to say much: its boxes are right but it scores every "
+            f"class nearly alike (old-class AP {retina['base']['old_ap']:.3f} after {retina['base']['head_steps']} "
+            "steps), and the branch trained on it at the default `--lr 0.05` from zero weights collapsed to a "
+            "constant score (new AP 0.000).",
+        ]
     return "\n".join(lines)
 
 

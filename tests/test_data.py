@@ -243,3 +243,16 @@ def test_workers_give_the_batches_of_the_loop(tmp_path):
         expected_images, expected_targets = data.batch(step, 4, 0, True, jitter=True)
         assert all(torch.equal(a, b) for a, b in zip(images, expected_images))
         assert all(torch.equal(a[k], b[k]) for a, b in zip(targets, expected_targets) for k in b)
+
+
+def test_categories_choose_and_rename(tmp_path):
+    from detgraft.readers import choose_categories
+
+    data = check_dataset(
+        read_dataset(write_coco(tmp_path, "train", ["Hen", "frog", "cup"], BOXES + [[2, 40, 10, 10]]).source)
+    )[0]
+    chosen = choose_categories(data, "hen=chicken, FROG")
+    assert [c["name"] for c in chosen.coco["categories"]] == ["chicken", "frog"]
+    assert len(chosen.coco["annotations"]) == 12  # the cups left out
+    with pytest.raises(ValueError, match=r"does not have; it has 'Hen', 'frog', 'cup'"):
+        choose_categories(data, "duck")

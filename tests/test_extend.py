@@ -153,7 +153,9 @@ def test_the_default_budget_follows_the_data_and_is_recorded(train, tmp_path):
     assert auto_steps(600, 8) == min(AUTO_MAX_STEPS, AUTO_EPOCHS * 600 // 8)
     assert auto_steps(10_000, 8) == AUTO_MAX_STEPS
     extend(base_model(), train, settings(strategy="branch", steps=None), out=tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "settings.json").read_text())["settings"]["steps"] == auto_steps(6, 2)
+    saved = json.loads((tmp_path / "out" / "settings.json").read_text())["settings"]
+    assert saved["steps"] == auto_steps(6, 2)
+    assert saved["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto, as it ran
     record = json.loads((tmp_path / "out" / "extend.json").read_text())
     assert record["steps"] == auto_steps(6, 2) and record["arbitration"]["new_boxes"] == 12
     assert bool(detgraft.load_model(tmp_path / "out").roi_heads.branches[0].calibrated)

@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="the labelled images: COCO json, Pascal VOC or YOLO")
     ev.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
     ev.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (counted)")
+    ev.add_argument("--categories", help="only these categories of --data, renamed with name=new: 'hen=chicken,frog'")
     ev.add_argument("--compare", help="the base model, to show AP before/after and forgetting")
     ev.add_argument("--compare-weights", help="--weights of the base")
     ev.add_argument("--compare-classes", help="--classes of the base")
@@ -109,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
     ex.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (counted)")
+    ex.add_argument(
+        "--categories",
+        help="only these categories of --train (the classes to add), renamed with name=new: 'hen=chicken,frog'",
+    )
     ex.add_argument("--val", help="old and new classes labelled (any format): AP and report.html at the end")
     ex.add_argument("--replay", help="annotated old-class images to mix in (any format)")
     ex.add_argument("--out", required=True, help="folder for the checkpoint, settings, log and report")
@@ -173,7 +178,7 @@ def _extend(args: argparse.Namespace) -> int:
     from .extend import ExtendSettings, extend
 
     settings = ExtendSettings(**{f.name: getattr(args, f.name) for f in fields(ExtendSettings)})
-    train = read_checked(args.train, args.images, args.skip_bad)
+    train = read_checked(args.train, args.images, args.skip_bad, args.categories)
     val = read_checked([args.val], args.images, args.skip_bad) if args.val else None
     replay = read_checked([args.replay], args.images, args.skip_bad) if args.replay else None
     model = load_model(args.base, args.weights, args.classes, trust_pickle=args.trust_pickle)
@@ -260,14 +265,17 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_checked(paths: list[str], images: str | None, skip_bad: bool):
-    """The datasets at ``paths`` read, checked (a problem to fix raises ``DataError``) and combined."""
+def read_checked(paths: list[str], images: str | None, skip_bad: bool, categories: str | None = None):
+    """The datasets at ``paths`` read, checked (a problem to fix raises ``DataError``), narrowed to
+    ``categories`` (``choose_categories``) and combined."""
     from .data_check import check_dataset
-    from .readers import combine, read_dataset
+    from .readers import choose_categories, combine, read_dataset
 
     checked = []
     for path in paths:
         data, report = check_dataset(read_dataset(path, images), skip_bad=skip_bad)
+        if categories:
+            data = choose_categories(data, categories)
         counts = ", ".join(f"{k} {n}" for k, n in report.counts().items()) or "no problems"
         log.info("%s: %d images, %d boxes; %s", path, report.images, sum(report.boxes_per_class.values()), counts)
         checked.append(data)
@@ -318,7 +326,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import compare, detect, evaluate
     from .report import write_evaluation
 
-    data = read_checked([args.data], args.images, args.skip_bad)
+    data = read_checked([args.data], args.images, args.skip_bad, args.categories)
     model = _load(args)
     detections = detect(model, data, device=args.device)
     result = evaluate(model, data, detections=detections, evaluator=args.evaluator, score=args.score)

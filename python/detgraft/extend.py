@@ -84,9 +84,11 @@ class ExtendSettings:
     workers: int = _flag("processes decoding the next batches while the model trains (0: in the loop)", default=1)
     seed: int = _flag("seed of batches, flips and samplers", default=0)
     checkpoint_every: int = _flag("write OUT/last every this many steps", default=100)
-    device: str = _flag("cpu or cuda", default="cpu")
+    device: str = _flag("auto (cuda when there is one), cpu, cuda or cuda:N", default="auto")
 
     def __post_init__(self) -> None:
+        if self.device == "auto":  # resolved here, so settings.json records the device it ran on
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
         if self.existing not in EXISTING:

@@ -13,7 +13,8 @@ and the folder its file names are relative to. ``read_dataset`` tells the format
   ``data.yaml`` (or ``classes.txt``), normalised ``class cx cy w h`` (a polygon's box for
   segmentation lines) turned into pixels with the upright image's size.
 
-``combine`` joins several into one. The readers only read: what is wrong inside (a string where a
+``combine`` joins several into one; ``choose_categories`` keeps and renames some (``--categories``).
+The readers only read: what is wrong inside (a string where a
 number belongs, a box outside its image, an id that is not there) is for ``detgraft.data_check``,
 which names the file and the line or id. A file that cannot be parsed at all raises ``ValueError``
 naming it.
@@ -22,14 +23,18 @@ naming it.
 from __future__ import annotations
 
 import json
+import logging
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 from .card import normalize_name
 from .evaluate import Dataset
 from .image_files import ImageError, image_size
 
-__all__ = ["combine", "read_coco", "read_dataset", "read_voc", "read_yolo"]
+log = logging.getLogger(__name__)
+
+__all__ = ["choose_categories", "combine", "read_coco", "read_dataset", "read_voc", "read_yolo"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -292,3 +297,29 @@ def combine(datasets: list[Dataset]) -> Dataset:
                 }
             )
     return Dataset(coco, Path("/"), source=" + ".join(d.source for d in datasets))
+
+
+def choose_categories(data: Dataset, spec: str) -> Dataset:
+    """Only the categories ``spec`` names (``"hen=chicken,frog"``: comma-separated, ``name=new``
+    renames; names matched by ``normalize_name``), the others' annotations left out (logged with
+    their count). An unknown name is an error that lists the dataset's categories."""
+    wanted = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, new = part.partition("=")
+        wanted[normalize_name(name)] = new.strip()
+    have = {normalize_name(c.get("name", "")): c for c in data.coco["categories"]}
+    unknown = [n for n in wanted if n not in have]
+    if unknown:
+        names = ", ".join(repr(c.get("name")) for c in data.coco["categories"])
+        raise ValueError(f"{data.source}: --categories names {unknown}, which it does not have; it has {names}")
+    kept = {have[n]["id"]: new or have[n]["name"] for n, new in wanted.items()}  # unrenamed: the file's spelling
+    dropped = [a for a in data.coco["annotations"] if a.get("category_id") not in kept]
+    if dropped:
+        others = sorted({str(c.get("name")) for c in data.coco["categories"] if c.get("id") not in kept})
+        log.info("%s: %d boxes of categories not chosen left out (%s)", data.source, len(dropped), ", ".join(others))
+    coco = {
+        **data.coco,
+        "categories": [{**c, "name": kept[c["id"]]} for c in data.coco["categories"] if c.get("id") in kept],
+        "annotations": [a for a in data.coco["annotations"] if a.get("category_id") in kept],
+    }
+    return replace(data, coco=coco)
