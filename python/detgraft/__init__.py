@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (libtorch must be loaded before the Rust extension)
 
-from . import _core  # noqa: F401
+from . import _check_torch, _core  # noqa: F401  (in this order: the torch version is checked before the extension loads)
 from .arbitration import calibrate
 from .card import ModelCard, get_card
 from .checkpoint import load_checkpoint, save_checkpoint
