@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import write_coco
 from detgraft.cli import main
 from detgraft.data_check import DataError, check_dataset
-from detgraft.image_files import ImageError, load_image, verify_image
+from detgraft.image_files import ImageError, image_size, load_image
 from detgraft.readers import combine, read_dataset
 from detgraft.writers import write_voc, write_yolo
 
@@ -145,7 +145,7 @@ def test_images_of_every_mode_load_as_upright_rgb(tmp_path):
     for name in ("plain.png", "gray.png", "palette.png", "rgba.png", "deep.png", "plain.bmp", "turned.jpg"):
         image = load_image(tmp_path / name)
         assert image.dtype == torch.uint8 and image.shape == (3, 20, 30), name
-        assert verify_image(tmp_path / name) == (30, 20), name
+        assert image_size(tmp_path / name, decode=True) == (30, 20), name
         assert image[:, :5, :10].float().mean() > 60 and image[:, 10:, 15:].float().mean() < 10, name
     with pytest.raises(ImageError, match="notes.jpg"):
         (tmp_path / "notes.jpg").write_text("text")

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from .evaluate import Dataset
-from .image_files import ImageError, verify_image
+from .image_files import ImageError, image_size
 
 __all__ = ["DataError", "DataReport", "Problem", "check_dataset"]
 
@@ -156,7 +156,7 @@ def check_dataset(data: Dataset, skip_bad: bool = False, raise_errors: bool = Tr
             problem(Problem("missing_image", str(path), f"image {im['id']!r}: the file does not exist"))
             continue
         try:
-            sizes[im["id"]] = verify_image(path)
+            sizes[im["id"]] = image_size(path, decode=True)
         except ImageError as err:
             problem(Problem("unreadable_image", str(path), f"image {im['id']!r}: {str(err).split(' (', 1)[-1][:-1]}"))
             continue

@@ -53,22 +53,13 @@ def _load_with_pillow(path: Path) -> Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of the upright image, from its header; ``ImageError`` if it cannot be read."""
+def image_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
+    """(width, height) of the upright image, from its header; with ``decode``, after decoding the
+    whole file (a truncated JPEG fails here, not at step 400). ``ImageError`` if it cannot be read."""
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"cannot read image {str(path)!r} ({err})") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def verify_image(path: str | Path) -> tuple[int, int]:
-    """Decodes the whole file (a truncated JPEG fails here, not at step 400); its upright (width, height)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
+            if decode:
+                image.load()
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
