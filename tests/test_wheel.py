@@ -17,6 +17,13 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.mark.skipif(shutil.which("maturin") is None, reason="needs maturin (pip install maturin)")
 def test_the_wheel_installs_without_rust_and_runs_the_quickstart(tmp_path):
+    try:
+        _install_and_run(tmp_path)
+    finally:  # the venv holds a second torch (~5 GB with its CUDA libraries): don't leave it in pytest's temp
+        shutil.rmtree(tmp_path / "venv", ignore_errors=True)
+
+
+def _install_and_run(tmp_path):
     dist = tmp_path / "dist"
     # --auditwheel skip: a manylinux repair would copy libtorch into the wheel; it must link torch's own
     subprocess.run(["maturin", "build", "--release", "--auditwheel", "skip", "-o", dist], cwd=ROOT, check=True)
@@ -25,7 +32,7 @@ def test_the_wheel_installs_without_rust_and_runs_the_quickstart(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     python = venv / "bin" / "python"
-    pip = [python, "-m", "pip", "install", "-q"]
+    pip = [python, "-m", "pip", "install", "-q", "--no-cache-dir"]
     subprocess.run([*pip, "torch==2.13.*", "torchvision==0.28.*"], check=True)
     subprocess.run([*pip, wheel], check=True)
     env = {**os.environ, "PATH": f"{venv / 'bin'}:/usr/bin:/bin"}  # no cargo, no rustc
