@@ -159,3 +159,12 @@ def test_the_default_budget_follows_the_data_and_is_recorded(train, tmp_path):
     record = json.loads((tmp_path / "out" / "extend.json").read_text())
     assert record["steps"] == auto_steps(6, 2) and record["arbitration"]["new_boxes"] == 12
     assert bool(detgraft.load_model(tmp_path / "out").roi_heads.branches[0].calibrated)
+
+
+def test_the_default_learning_rate_follows_the_strategy():
+    # the whole-network strategies diverge at the heads' rate: naive gave a NaN loss at 0.05
+    assert ExtendSettings().lr == 0.05 and ExtendSettings(strategy="head").lr == 0.05
+    assert all(ExtendSettings(strategy=s).lr == 0.01 for s in ("naive", "pseudo", "distill"))
+    assert ExtendSettings(strategy="naive", lr=0.02).lr == 0.02
+    argv = ["extend", "--base", "m", "--train", "t", "--images", "i", "--out", "o", "--lr", "auto"]
+    assert _parser().parse_args(argv).lr is None

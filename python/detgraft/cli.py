@@ -148,7 +148,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(ExtendSettings):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        shown = "auto" if f.type == "int | None" and default is None else default
+        shown = "auto" if f.type in ("int | None", "float | None") and default is None else default
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
@@ -169,7 +169,7 @@ def _int_or_auto(text: str) -> int | None:
 
 
 def _float_or_none(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    return None if text.lower() in ("none", "auto") else float(text)
 
 
 def _extend(args: argparse.Namespace) -> int:

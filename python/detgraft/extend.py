@@ -4,7 +4,8 @@ The loop is torchvision's (``loss = sum(model(images, targets).values())``) arou
 ``detgraft.incremental``. Every field of ``ExtendSettings`` is a flag of ``detgraft extend``.
 Runs are seeded: the same settings repeat exactly on the CPU, and ``resume`` continues a run
 from its last checkpoint as if it had not stopped (batches, flips, samplers and optimizer state
-are restored). Ctrl-C finishes the current step, writes the checkpoint and stops.
+are restored). Ctrl-C finishes the current step, writes the checkpoint and stops. Under torchrun it trains
+data-parallel (``detgraft.distributed``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file
 from torch import nn
 
+from . import distributed
 from .arbitration import calibrate
 from .card import UNUSED, get_card, normalize_name
 from .checkpoint import save_checkpoint
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 
 LAST, STATE = "last", "train_state.pt"
 AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 500
+# --lr auto: the rates of benchmarks/incremental.py. A strategy that trains the whole network
+# diverges at the heads' 0.05 (naive: a NaN loss at step 31 with 10 images per class)
+AUTO_LR = {"branch": 0.05, "head": 0.05, "naive": 0.01, "pseudo": 0.01, "distill": 0.01}
 EXISTING = ("error", "train", "ignore")
 
 
@@ -61,7 +66,11 @@ class ExtendSettings:
         default=None,
     )
     batch_size: int = _flag("images per step", default=8)
-    lr: float = _flag("peak learning rate (SGD)", default=0.05)
+    lr: float | None = _flag(
+        "peak learning rate (SGD); auto: 0.05 for branch and head, 0.01 for naive, pseudo and distill (they train "
+        "the whole network)",
+        default=None,
+    )
     momentum: float = _flag("SGD momentum", default=0.9)
     weight_decay: float = _flag("SGD weight decay", default=1e-4)
     warmup: int = _flag("steps of linear warm-up before the cosine decay", default=50)
@@ -91,6 +100,8 @@ class ExtendSettings:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
+        if self.lr is None:  # resolved here, so settings.json records the rate it ran with
+            self.lr = AUTO_LR[self.strategy]
         if self.existing not in EXISTING:
             raise ValueError(f"existing {self.existing!r} is unknown: choose one of {', '.join(EXISTING)}")
         if self.init not in INITS:
@@ -158,19 +169,30 @@ def extend(
     settings = settings or ExtendSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "extend.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("detgraft").addHandler(handler)
+    distributed.start(settings.device)
+    logger = logging.getLogger("detgraft")
+    handler = None
+    if distributed.is_main():
+        handler = logging.FileHandler(out / "extend.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    else:  # under torchrun rank 0 tells the story
+        logger.setLevel(logging.WARNING)
     try:
         return _extend(model, train, settings, out, val, replay, resume)
     finally:
-        logging.getLogger("detgraft").removeHandler(handler)
-        handler.close()
+        distributed.stop()  # leaves torchrun's process group (a process that exits inside it aborts)
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def _extend(model, train, settings, out, val, replay, resume):
     start = time.perf_counter()
-    torch.manual_seed(settings.seed)
+    rank, processes = distributed.world()
+    if settings.batch_size % processes:
+        raise ValueError(f"--batch-size {settings.batch_size} must be a multiple of the {processes} processes")
+    torch.manual_seed(settings.seed + rank)  # the models' samplers: each process its own draws
     train, val, replay = (_checked(d) for d in (train, val, replay))
     names, by_id = class_mapping(train, model, settings.existing)
     card = get_card(model)
@@ -206,11 +228,12 @@ def _extend(model, train, settings, out, val, replay, resume):
     }
     if resume:
         _check_resume(out, saved)
-    (out / "settings.json").write_text(json.dumps(saved, indent=1))
-    (out / "mapping.json").write_text(json.dumps(mapping, indent=1))
+    if rank == 0:
+        (out / "settings.json").write_text(json.dumps(saved, indent=1))
+        (out / "mapping.json").write_text(json.dumps(mapping, indent=1))
 
     before = None
-    if val is not None and _labels_old_classes(val, model):
+    if rank == 0 and val is not None and _labels_old_classes(val, model):
         # the base on val, for the report's before/after (the model is widened in place below)
         from .evaluate import detect, evaluate
 
@@ -232,8 +255,10 @@ def _extend(model, train, settings, out, val, replay, resume):
         step = _load_last(out, model, optimizer, scheduler)
         log.info("resuming at step %d of %d", step, settings.steps)
 
-    losses = _train(model, data, settings, optimizer, scheduler, step, out)
+    losses, curve = _train(model, data, settings, optimizer, scheduler, step, out)
     model.eval()
+    if rank > 0:  # rank 0 calibrates, saves and evaluates
+        return model
     arbitration = None
     if settings.strategy == "branch":
         arbitration = calibrate(model, (data.example(i) for i in range(len(data))))
@@ -247,6 +272,8 @@ def _extend(model, train, settings, out, val, replay, resume):
                 "peak_rss_mb": round(peak),
                 "steps": settings.steps,
                 "final_losses": losses,
+                "loss_curve": {"from_step": step, "loss": curve},
+                "processes": processes,
                 "arbitration": arbitration,
             },
             indent=1,
@@ -308,9 +335,14 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _train(model, data, settings, optimizer, scheduler, step, out) -> dict[str, float]:
+def _train(model, data, settings, optimizer, scheduler, step, out) -> tuple[dict[str, float], list[float]]:
+    """Trains from ``step`` to ``settings.steps``; returns the last step's losses and every step's
+    total loss (the mean over the processes under torchrun)."""
     model.train()
+    rank, processes = distributed.world()
+    trained = distributed.wrap(model)
     parts: dict[str, float] = {}
+    curve: list[float] = []
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -320,17 +352,19 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> dict[str, 
         TextColumn("{task.fields[losses]}"),
     )
     tick = time.perf_counter()
-    with Progress(*columns, transient=False) as bar, _StopRequest() as stop:
+    with Progress(*columns, transient=False, disable=rank > 0) as bar, _StopRequest() as stop:
         task = bar.add_task(settings.strategy, total=settings.steps, completed=step, losses="", rate="")
-        batches = iter(training_batches(data, step, settings.steps, settings))
+        batches = iter(training_batches(data, step, settings.steps, settings, part=(rank, processes)))
         while step < settings.steps:
             images, targets = next(batches)
             images = [im.to(settings.device) for im in images]
             targets = [{k: v.to(settings.device) for k, v in t.items()} for t in targets]
-            loss_dict = model(images, targets)
+            loss_dict = trained(images, targets)
             loss = sum(loss_dict.values())
-            parts = {k: float(v.detach()) for k, v in loss_dict.items()}
-            value = float(loss.detach())
+            reported = distributed.mean(torch.stack([v.detach() for v in loss_dict.values()]))
+            parts = dict(zip(loss_dict, reported.tolist()))
+            value = float(reported.sum())
+            curve.append(value)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"the loss is {value} at step {step} ({_fmt(parts)}): training stopped. The last good "
@@ -346,11 +380,12 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> dict[str, 
             tick = now
             if step % 50 == 0:
                 log.info("step %d/%d %s", step, settings.steps, _fmt(parts))
-            if step % settings.checkpoint_every == 0 or step == settings.steps or stop.requested:
+            stopping = distributed.any_process(stop.requested, settings.device)
+            if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.steps or stopping):
                 _save_last(out, model, optimizer, scheduler, step)
-            if stop.requested and step < settings.steps:
+            if stopping and step < settings.steps:
                 raise KeyboardInterrupt(f"stopped at step {step}; continue with --resume (checkpoint {out / LAST})")
-    return parts
+    return parts, curve
 
 
 def _fmt(parts: dict[str, float]) -> str:

@@ -81,14 +81,17 @@ class TrainingSet:
         return image, target
 
     def batch(
-        self, step: int, size: int, seed: int, hflip: bool, jitter: bool = False
+        self, step: int, size: int, seed: int, hflip: bool, jitter: bool = False, part: tuple[int, int] = (0, 1)
     ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        """The ``step``-th batch of a seeded run: epochs are permutations seeded by (seed, epoch)."""
+        """The ``step``-th batch of a seeded run: epochs are permutations seeded by (seed, epoch).
+        With ``part`` (rank, processes): only the examples k of the batch with k mod processes == rank."""
         n = len(self.items)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         flips = (torch.rand(size, generator=g) < 0.5).tolist() if hflip else [False] * size
         picks = []
         for k, position in enumerate(range(step * size, (step + 1) * size)):
+            if k % part[1] != part[0]:
+                continue
             epoch, index = divmod(position, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
             picks.append(self.example(int(order[index]), flips[k], seed * 1_000_003 + position if jitter else None))
@@ -133,9 +136,11 @@ def jittered(image: Tensor, target: dict[str, Tensor], seed: int) -> tuple[Tenso
 class _Batches(torch.utils.data.Dataset):
     """The batches of steps ``start`` .. ``steps - 1`` of a run, one item each."""
 
-    def __init__(self, data: TrainingSet, start: int, steps: int, size: int, seed: int, hflip: bool, jitter: bool):
+    def __init__(
+        self, data: TrainingSet, start: int, steps: int, size: int, seed: int, hflip: bool, jitter: bool, part
+    ):
         self.data, self.start, self.steps = data, start, steps
-        self.args = (size, seed, hflip, jitter)
+        self.args = (size, seed, hflip, jitter, part)
 
     def __len__(self) -> int:
         return self.steps - self.start
@@ -144,12 +149,15 @@ class _Batches(torch.utils.data.Dataset):
         return self.data.batch(self.start + i, *self.args)
 
 
-def training_batches(data: TrainingSet, start: int, steps: int, settings) -> torch.utils.data.DataLoader:
-    """The run's batches from step ``start`` on, ``settings.workers`` processes decoding ahead (0:
-    in the training loop); pinned memory when training on CUDA."""
+def training_batches(
+    data: TrainingSet, start: int, steps: int, settings, part: tuple[int, int] = (0, 1)
+) -> torch.utils.data.DataLoader:
+    """The run's batches from step ``start`` on (this process's ``part`` of each, see
+    ``TrainingSet.batch``), ``settings.workers`` processes decoding ahead (0: in the training
+    loop); pinned memory when training on CUDA."""
     workers = settings.workers
     return torch.utils.data.DataLoader(
-        _Batches(data, start, steps, settings.batch_size, settings.seed, settings.hflip, settings.jitter),
+        _Batches(data, start, steps, settings.batch_size, settings.seed, settings.hflip, settings.jitter, part),
         batch_size=None,
         num_workers=workers,
         pin_memory=str(settings.device).startswith("cuda"),
