@@ -2,21 +2,25 @@
 
     python benchmarks/arbitration.py --data $DATA --runs $RUNS    (after benchmarks/sizes.py)
 
-Takes draw 0 of each size that ``benchmarks/sizes.py`` trained (10, 30, 50 and all images per new
-class, default settings). One detection pass over ``val`` per model records what the merge
-receives for each image (every source's detections and the base's features at their boxes); the
-package's own ``detgraft.arbitration.arbitrate`` is then replayed on them with each variant:
+Takes every model that ``benchmarks/sizes.py`` trained (three draws of 10, 30 and 50 images per
+new class, and all images; default settings). One detection pass over ``val`` per model records
+what the merge receives for each image (every source's detections and the base's features at
+their boxes); the package's own ``detgraft.arbitration.arbitrate`` is then replayed on them with
+each variant:
 
-- merge off: the base's detections untouched; score only: the stronger claim wins (the merge
-  before this arbitration, and what an uncalibrated branch does);
-- the default (prototype calibration with alpha = n / (n + 7) for n labelled boxes of the class,
-  ``look_alike`` and ``at_least`` learned from the training images), and the default with alpha
-  1.0 (no prototype calibration), 0.7 or 0.5 for every class, without the ``at_least`` gate,
-  without ``look_alike``, or with ``look_alike`` raised by 0.01 / 0.02.
+- merge off: the base's detections untouched; score only: the stronger claim wins (what an
+  uncalibrated branch does);
+- the default (an old detection under a new one is lowered when its base feature is nearer to
+  the new memory than to the old one and it scores no higher than the base's surest false alarm
+  on the training images; new scores calibrated by the prototypes with alpha = n / (n + 7) for n
+  labelled boxes), and the default without the false-alarm score (1.0), without the old memory
+  (every contested old detection under that score lowered), with alpha 1.0 (no prototype
+  calibration) or 0.5 for every class.
 
 Scores: old-class AP (x the base's on val), new-class AP, old-on-new (chicken/frog objects on
-which an old class fires, score >= 0.5, IoU >= 0.5). Writes the ``arbitration`` section of
-``benchmarks/RESULTS.md`` and ``arbitration.json`` beside this file.
+which an old class fires, score >= 0.5, IoU >= 0.5); a size's cell is the mean over its draws.
+Writes the ``arbitration`` section of ``benchmarks/RESULTS.md`` and ``arbitration.json`` beside
+this file.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from detgraft import arbitration, branch  # noqa: E402
 from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
 
 HERE = Path(__file__).parent
-MODELS = {"10": "k10-draw0", "30": "k30-draw0", "50": "k50-draw0", "all": "all"}
+MODELS = {str(k): [f"k{k}-draw{d}" for d in range(3)] for k in (10, 30, 50)} | {"all": ["all"]}
 
 
 def record(model, data) -> list:
@@ -64,8 +68,9 @@ def replay(model, data, seen, variant: dict) -> dict:
     fake = SimpleNamespace(
         first_label=b.first_label,
         prototypes=b.prototypes,
-        at_least=variant.get("at_least", b.at_least),
-        look_alike=variant.get("look_alike", b.look_alike),
+        new_memory=b.new_memory,
+        old_memory=b.old_memory[:0] if variant.get("no_old_memory") else b.old_memory,
+        false_alarm_score=variant.get("false_alarm_score", b.false_alarm_score),
         alpha=torch.full_like(b.alpha, variant["alpha"]) if "alpha" in variant else b.alpha,
     )
     detections = {}
@@ -83,19 +88,15 @@ def replay(model, data, seen, variant: dict) -> dict:
     }
 
 
-def variants(b) -> dict[str, dict]:
-    return {
-        "merge off": {"off": True},
-        "score only (stronger claim wins)": {"score_only": True},
-        "default": {},
-        "alpha 1.0 (no prototype calibration)": {"alpha": 1.0},
-        "alpha 0.7": {"alpha": 0.7},
-        "alpha 0.5": {"alpha": 0.5},
-        "no at_least gate": {"at_least": torch.tensor(-1.0)},
-        "no look_alike": {"look_alike": torch.tensor(2.0)},
-        "look_alike + 0.01": {"look_alike": b.look_alike + 0.01},
-        "look_alike + 0.02": {"look_alike": b.look_alike + 0.02},
-    }
+VARIANTS = {
+    "merge off": {"off": True},
+    "score only (stronger claim wins)": {"score_only": True},
+    "default": {},
+    "no false-alarm score (1.0)": {"false_alarm_score": torch.tensor(1.0)},
+    "no old memory": {"no_old_memory": True},
+    "alpha 1.0 (no prototype calibration)": {"alpha": 1.0},
+    "alpha 0.5": {"alpha": 0.5},
+}
 
 
 def main() -> None:
@@ -113,13 +114,16 @@ def main() -> None:
         "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in ("chicken", "frog")),
         "models": {},
     }
-    for size, folder in MODELS.items():
-        print("val:", size, flush=True)
-        model = detgraft.load_model(args.runs / folder)
-        seen = record(model, val)
-        learned = json.loads((args.runs / folder / "extend.json").read_text())["arbitration"]
-        rows = {name: replay(model, val, seen, v) for name, v in variants(model.roi_heads.branches[0]).items()}
-        results["models"][size] = {"learned": learned, "rows": rows}
+    for size, folders in MODELS.items():
+        results["models"][size] = {"learned": [], "rows": {name: [] for name in VARIANTS}}
+        for folder in folders:
+            print("val:", folder, flush=True)
+            model = detgraft.load_model(args.runs / folder)
+            seen = record(model, val)
+            learned = json.loads((args.runs / folder / "extend.json").read_text())["arbitration"]
+            results["models"][size]["learned"].append(learned)
+            for name, v in VARIANTS.items():
+                results["models"][size]["rows"][name].append(replay(model, val, seen, v))
     (HERE / "arbitration.json").write_text(json.dumps(results, indent=1))
     write_section("arbitration", table(results))
     print(table(results))
@@ -132,9 +136,9 @@ def table(res: dict) -> str:
         "## How the arbitration was chosen (val)",
         "",
         "Command: `python benchmarks/arbitration.py --data $DATA --runs $RUNS` (after `benchmarks/sizes.py`): the "
-        "draw-0 model of each size, one detection pass over val, `detgraft.arbitration.arbitrate` replayed with each "
-        f"variant. Base on val: old-class AP {base_ap:.3f}, old classes fire on {base_on} chicken/frog objects. "
-        "Cells: old AP x base / new AP / old-on-new.",
+        "models of every size and draw, one detection pass over val each, `detgraft.arbitration.arbitrate` replayed "
+        f"with each variant. Base on val: old-class AP {base_ap:.3f}, old classes fire on {base_on} chicken/frog "
+        "objects. Cells: old AP x base / new AP / old-on-new, the mean over the draws (3 per few-data size).",
         "",
         "| variant | " + " | ".join(f"{s} per class" if s != "all" else "all" for s in sizes) + " |",
         "|---|" + "---|" * len(sizes),
@@ -142,18 +146,30 @@ def table(res: dict) -> str:
     for name in res["models"][sizes[0]]["rows"]:
         cells = []
         for s in sizes:
-            r = res["models"][s]["rows"][name]
-            cells.append(f"{r['old_ap'] / base_ap:.3f} / {r['new_ap']:.3f} / {r['old_on_new']}")
+            runs = res["models"][s]["rows"][name]
+            old = mean([r["old_ap"] for r in runs]) / base_ap
+            new = mean([r["new_ap"] for r in runs])
+            cells.append(f"{old:.4f} / {new:.3f} / {mean([r['old_on_new'] for r in runs]):.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Learned on the training images (look_alike / at_least; new and old objects seen):", ""]
+    lines += [
+        "",
+        "Learned on the training images, per draw: new boxes / the base's false alarms on them / old objects; "
+        "the false-alarm score; the share of old objects nearer (leave-one-out) to the new memory, and of the new "
+        "memory nearer to the old one:",
+        "",
+    ]
     for s in sizes:
-        a = res["models"][s]["learned"]
-        lines.append(
-            f"- {s}: {a['look_alike']:.3f} / {a['at_least']:.3f}; alpha {a['alpha']}; {a['new_boxes']} new, "
-            f"{a['old_objects']} old; "
-            f"similarity quantiles 5-100% new {a['new_similarity']}, old {a['old_similarity']}"
+        learned = "; ".join(
+            f"{a['new_boxes']} / {a['false_alarms']} / {a['old_objects']}, {a['false_alarm_score']:.3f}, "
+            f"{a['old_like_new']} / {a['new_like_old']}"
+            for a in res["models"][s]["learned"]
         )
+        lines.append(f"- {s}: {learned}")
     return "\n".join(lines)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 if __name__ == "__main__":

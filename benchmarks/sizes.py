@@ -10,7 +10,9 @@ peak RSS come from that process. Step 2 adds duck, turtle and penguin (``step2_t
 all-data model. Everything is scored on ``test``: old- and new-class AP, and old-on-new, the new
 objects (chicken and frog; for step 2 duck, turtle and penguin) on which an old class fires
 (score >= 0.5, IoU >= 0.5). Draw 0 of each size is scored a second time with the merge off
-(``merge_iou`` None: the base's detections as they are). Writes ``sizes`` and ``step2.branch`` into
+(``merge_iou`` None: the base's detections as they are). With ``--others naive head``, those
+strategies are trained on draw 0 of each few-data size the same way (``--strategy``, otherwise the
+defaults) and scored beside it (``naive:10`` only at 10 images per class). Writes ``sizes`` and ``step2.branch`` into
 ``benchmarks/results.json`` and the ``sizes`` section of ``benchmarks/RESULTS.md``. Finished
 runs in ``--runs`` are reused (delete a folder to redo it).
 """
@@ -123,6 +125,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
     parser.add_argument("--from-results", action="store_true", help="only write RESULTS.md's section from results.json")
+    parser.add_argument(
+        "--others", nargs="*", default=[], help="strategies also trained on draw 0 of each size (naive:10: at 10 only)"
+    )
     args = parser.parse_args()
     args.bench, args.data, args.runs = args.bench.resolve(), args.data.resolve(), args.runs.resolve()
     results = json.loads((HERE / "results.json").read_text())
@@ -145,6 +150,13 @@ def main() -> None:
     # the cap of --steps auto, chosen on val: the all-data run at the previous cap of 600
     longer = train(args, args.runs / "all-steps600", args.data / "new_train.json", base_args, ("--steps", "600"))
     step2 = train(args, args.runs / "step2", args.data / "step2_train.json", ["--base", str(args.runs / "all")])
+    others = {}
+    for item in args.others:
+        strategy, _, sizes_given = item.partition(":")
+        for k in sizes_given.split(",") if sizes_given else SIZES:
+            out = args.runs / f"{strategy}-k{k}-draw0"
+            flags = ("--strategy", strategy)
+            others[(strategy, str(k))] = train(args, out, draw(args.data, int(k), 0), base_args, flags)
 
     test = load_dataset(args.data / "test.json", args.data / "images")
     base = detgraft.load_model(f"{b}/base_model.py:build", b / "base.safetensors", b / "base.json")
@@ -174,6 +186,12 @@ def main() -> None:
         "base_old_on_new_step2": sum(c.count for c in base_eval.confusions if c.new_class in STEP2),
     }
     results["step2"]["branch"] = results["step2"].get("branch", {}) | step2_row
+    for (strategy, k), run in others.items():
+        print("scoring", strategy, k, flush=True)
+        got = scored(args.runs / f"{strategy}-k{k}-draw0", test, STEP1, merge_off=False)
+        results["sizes"].setdefault("others", {}).setdefault(strategy, {})[k] = got | {
+            key: run[key] for key in ("seconds", "steps", "command")
+        }
     print("scoring the step cap on val", flush=True)
     val = load_dataset(args.data / "val.json", args.data / "images")
     base_val = evaluate(base, val, detections=detect(base, val))
@@ -212,7 +230,7 @@ def table(results: dict) -> str:
         ratio = [a / base_ap for a in r["old_ap"]]
         on = mean(r["old_on_new"])
         lines.append(
-            f"| {k} | {spread(ratio)} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.0%}) | "
+            f"| {k} | {spread(ratio)} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.1%}) | "
             f"{'/'.join(map(str, sorted(set(r['steps']))))} | {spread(r['seconds'], '.0f')} | "
             f"{r['peak_rss_mb']} | {off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
         )
@@ -231,6 +249,30 @@ def table(results: dict) -> str:
             )
             + ".",
         ]
+    if s.get("others"):
+        lines += [
+            "",
+            "Other strategies on draw 0 of each size, trained the same way (`--strategy`, otherwise the defaults, "
+            "`--steps auto`; their learning rates are the defaults, not chosen on val). Cells: old x base / new AP / "
+            "old-on-new / train s.",
+            "",
+            "| strategy | " + " | ".join(f"{k} per class" for k in map(str, SIZES)) + " |",
+            "|---|" + "---|" * len(SIZES),
+        ]
+        cell = lambda r: f"{r['old_ap'] / base_ap:.3f} / {r['new_ap']:.3f} / {r['old_on_new']} / {r['seconds']:.0f}"  # noqa: E731
+        keys = ("old_ap", "new_ap", "old_on_new", "seconds")
+        draw0 = {k: {key: s[k][key][0] for key in keys} for k in map(str, SIZES)}
+        lines.append("| branch (the default) | " + " | ".join(cell(draw0[k]) for k in map(str, SIZES)) + " |")
+        lines.append(
+            "| branch, merge off | "
+            + " | ".join(cell(s[k]["merge_off"] | {"seconds": draw0[k]["seconds"]}) for k in map(str, SIZES))
+            + " |"
+        )
+        for strategy, rows in s["others"].items():
+            cells = (cell(rows[k]) if k in rows else "not run" for k in map(str, SIZES))
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        lines += ["", "Their commands:", ""]
+        lines += [f"- `{r['command']}`" for rows in s["others"].values() for r in rows.values()]
     st = results["step2"]["branch"]
     base2, off2 = s["base_old_on_new_step2"], st["merge_off"]
     lines += [

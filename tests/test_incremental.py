@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -222,21 +223,22 @@ def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
 
     from detgraft.arbitration import arbitrate
 
-    chicken = torch.tensor([[1.0, 0.0]])  # the prototype of label 6 in the base's feature space
     alpha = 0.7  # the weight of the branch's own score
     branch = SimpleNamespace(
         first_label=6,
-        prototypes=chicken,
+        prototypes=torch.tensor([[1.0, 0.0]]),  # label 6 in the base's feature space
         alpha=torch.tensor([alpha]),
-        at_least=torch.tensor(0.7),
-        look_alike=torch.tensor(0.9),
+        new_memory=torch.tensor([[1.0, 0.0]]),  # chickens and the base's false alarms on them
+        old_memory=torch.tensor([[0.0, 1.0]]),  # old objects seen in the training images
+        false_alarm_score=torch.tensor(0.95),  # the base's surest false alarm there
     )
     box = lambda x: [x, 0.0, x + 10, 10]  # noqa: E731
-    # base: a bird that looks like a chicken (0), a pizza that does not (1), a bird far from any
-    # new detection (2), a weak bird that looks somewhat like a chicken (3), a weak bird that does not (4)
+    # base: a bird that looks like a chicken (0), a pizza (1), a bird far from any new detection (2),
+    # a bird that looks like a chicken but of which the base is surer than of any false alarm (3), a
+    # weak bird that looks like an old object (4)
     old = (
         torch.tensor([box(0), box(20), box(40), box(60), box(80)]),
-        torch.tensor([0.9, 0.95, 0.6, 0.5, 0.5]),
+        torch.tensor([0.9, 0.95, 0.6, 0.99, 0.5]),
         torch.tensor([2, 3, 2, 2, 2]),
     )
     new = (
@@ -251,16 +253,16 @@ def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
     boxes, scores, labels = arbitrate([old, new], [branch], 0.5, features)
     got = {(int(b[0]), int(label)): float(s) for b, s, label in zip(boxes, scores, labels)}
     calibrated = [alpha * s + (1 - alpha) * sim for s, sim in ((0.8, 1.0), (0.99, 0.6), (0.9, 1.0), (0.9, 1.0))]
-    # looks like a chicken beyond any old object (cos 1 >= 0.9): lowered although it scored higher
+    # nearer the chickens than any old object, and no surer than a false alarm: lowered, though it scored higher
     assert got[(0, 2)] == pytest.approx(0.9 * (1 - calibrated[0]))
     assert got[(0, 6)] == pytest.approx(calibrated[0])
-    # a pizza (cos 0 < 0.7) is never lowered, whatever the branch says; the branch's claim is
+    # a pizza is never lowered, whatever the branch says; the branch's weaker claim is
     assert got[(20, 3)] == old[1][1].item() and got[(20, 6)] == pytest.approx(calibrated[1] * (1 - 0.95))
     # away from every new detection: untouched
     assert got[(40, 2)] == old[1][2].item()
-    # somewhat alike (0.7 <= cos 0.8 < 0.9) and weaker than the new claim: lowered
-    assert got[(60, 2)] == pytest.approx(0.5 * (1 - calibrated[2]))
-    # weaker, but not alike (cos 0.6 < 0.7): kept as it is, beside the new detection
+    # chicken-like, but the base is surer than of any false alarm: kept; the weaker new claim is lowered
+    assert got[(60, 2)] == old[1][3].item() and got[(60, 6)] == pytest.approx(calibrated[2] * (1 - 0.99))
+    # weaker than the new claim, but nearer the old objects: kept as it is, beside the new detection
     assert got[(80, 2)] == old[1][4].item() and got[(80, 6)] == pytest.approx(calibrated[3])
 
 
@@ -272,24 +274,34 @@ def test_calibrate_learns_prototypes_from_the_labelled_boxes():
     learned = calibrate(model, zip(images(), TARGETS))
     branch = model.roi_heads.branches[0]
     assert bool(branch.calibrated) and learned["new_boxes"] == 2
-    # one box per class: each prototype is that box's base feature, so it reaches at_least 1
+    # one box per class: each prototype is that box's base feature; the new memory starts with them
     with torch.no_grad():
         image_list, targets = model.transform(images(), copy.deepcopy(TARGETS))
         features = {"0": model.backbone(image_list.tensors)}
         expected = base_features(model.roi_heads, features, [t["boxes"] for t in targets], image_list.image_sizes)
     torch.testing.assert_close(branch.prototypes, expected)
-    assert learned["at_least"] == pytest.approx(1.0)
+    torch.testing.assert_close(branch.new_memory[:2], expected)
+    assert len(branch.new_memory) == 2 + learned["false_alarms"] and len(branch.old_memory) == learned["old_objects"]
+    assert 0 <= learned["false_alarm_score"] <= 1
     with pytest.raises(ValueError, match="label"):
         calibrate(model, zip(images(), [TARGETS[0], TARGETS[0]]))  # no frog box
 
 
 def test_branch_checkpoint_round_trip_and_a_second_extension(tmp_path):
+    from detgraft.arbitration import set_arbitration
+
     model = incremental(widened(), "branch")
     train(model, losses={"loss_classifier", "loss_box_reg"})
+    branch = model.roi_heads.branches[0]
+    width = branch.prototypes.shape[1]  # memories as long as the data made them: the checkpoint keeps their lengths
+    memories = F.normalize(torch.randn(5, width), dim=1), F.normalize(torch.randn(3, width), dim=1)
+    set_arbitration(branch, branch.prototypes + 1, branch.alpha / 2, *memories, false_alarm_score=0.9)
     file, function = TINY_BUILDER.rsplit(":", 1)
     model.detgraft_card.builder = {"kind": "python", "file": file, "function": function, "kwargs": {}}
     detgraft.save_checkpoint(model, tmp_path / "one")
     loaded = detgraft.load_checkpoint(tmp_path / "one")
+    for name, value in branch.state_dict().items():
+        assert torch.equal(loaded.roi_heads.branches[0].state_dict()[name], value), name
     for a, b in zip(model(images()), loaded(images())):
         assert all(torch.equal(a[k], b[k]) for k in ("boxes", "labels", "scores"))
     first_branch = copy.deepcopy(loaded.roi_heads.branches[0].state_dict())
@@ -333,3 +345,35 @@ def test_branch_others_learns_the_teachers_boxes_and_is_never_detected(monkeypat
     detections = model(images())
     assert all(((d["labels"] >= 1) & (d["labels"] <= 7)).all() for d in detections)
     assert any((d["labels"] >= 6).any() for d in detections)  # the branch detects, others never shows
+
+
+def test_a_checkpoint_of_the_earlier_arbitration_loads_uncalibrated(tmp_path, caplog):
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from detgraft.arbitration import set_arbitration
+
+    model = incremental(widened(), "branch")
+    branch = model.roi_heads.branches[0]
+    width = branch.prototypes.shape[1]
+    set_arbitration(branch, branch.prototypes, branch.alpha, torch.ones(2, width), torch.ones(1, width), 0.9)
+    file, function = TINY_BUILDER.rsplit(":", 1)
+    model.detgraft_card.builder = {"kind": "python", "file": file, "function": function, "kwargs": {}}
+    folder = detgraft.save_checkpoint(model, tmp_path / "one")
+    # as the previous release wrote it: two thresholds instead of the memories and the false-alarm score
+    state = load_file(folder / "model.safetensors")
+    prefix = "roi_heads.branches.0."
+    for name in ("new_memory", "old_memory", "false_alarm_score"):
+        del state[prefix + name]
+    state[prefix + "look_alike"], state[prefix + "at_least"] = torch.tensor(0.8), torch.tensor(0.7)
+    save_file(state, folder / "model.safetensors")
+    meta = json.loads((folder / "detgraft.json").read_text())
+    del meta["branches"]["branches"][0]["memory"]
+    meta["weights_sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (folder / "detgraft.json").write_text(json.dumps(meta))
+    loaded = detgraft.load_checkpoint(folder)
+    assert not bool(loaded.roi_heads.branches[0].calibrated)  # merged by score alone until calibrated again
+    assert "calibrate it again" in caplog.text
+    assert all(len(d["boxes"]) == len(d["scores"]) for d in loaded(images()))

@@ -1,33 +1,36 @@
 """Arbitration between the base's detections and the branches': who owns an object both claim.
 
 A branch trained on a few images is confidently wrong on old objects it never saw (it calls a
-pizza "chicken" at 0.99), and the base is confidently wrong on new objects (it calls a chicken
-"bird"). Scores alone cannot settle such a conflict, so the arbitration asks the one judge that
-was not trained on the new images: the base's own box-head features. ``calibrate`` learns, from
-the training images only:
+laptop "frog" at 0.99), and the base is confidently wrong on new objects (it calls a frog
+"laptop" at 0.97). Scores alone cannot settle such a conflict, so the arbitration asks the one
+judge that was not trained on the new images: the base's own box-head features. The base is
+frozen, so what it does on the training images is what it does on any image: ``calibrate`` runs
+it there and keeps, for the newest branch,
 
-- one prototype per new class: the mean (L2-normalised) base feature of its labelled boxes;
-- ``look_alike``: a similarity that no old object the base detects in the training images away from
-  labelled new objects (score >= ``KEEPER_SCORE``) reaches, and half the labelled new objects do
-  (the larger of the keepers' largest and the new objects' median similarity);
-- ``at_least``: the similarity that 95% of the labelled new objects reach (5th percentile).
+- ``new_memory``: the base features of the labelled new objects and of the base's false alarms on
+  them (its detections scoring >= ``KEEPER_SCORE`` at IoU >= 0.5 with a labelled new object);
+- ``old_memory``: the base features of the old objects, the detections of the model before the
+  branch that score >= ``KEEPER_SCORE`` away from labelled new objects (IoU < 0.3);
+- ``false_alarm_score``: the highest score of those false alarms (0 when the base made none);
+- one prototype per new class (the mean L2-normalised feature of its labelled boxes) and alpha.
 
-At inference (``arbitrate``), with f the base feature at a detection's box and P the prototype of
-a new detection's class:
+At inference (``arbitrate``), with f the base feature at a detection's box:
 
-1. a new-class score s becomes ``alpha * s + (1 - alpha) * max(cos(f, P), 0)`` (DeFRCN's prototype
-   calibration), so the branch's score and its resemblance to what the user labelled agree. The
-   branch's own score weighs more the more boxes of the class it learned from: alpha = n / (n +
-   ``PRIOR_BOXES``) for n labelled boxes (0.7 for 16 boxes, 0.99 for 500);
+1. a new-class score s becomes ``alpha * s + (1 - alpha) * max(cos(f, P), 0)`` for P the prototype
+   of its class (DeFRCN's prototype calibration), so the branch's score and the detection's
+   resemblance to what the user labelled agree. alpha = n / (n + ``PRIOR_BOXES``) for n labelled
+   boxes of the class (0.7 for 16 boxes, 0.99 for 500);
 2. where an older detection (the base's, or an earlier branch's) and a newer one overlap with
    IoU >= ``iou``, the older one is lowered (score times 1 - the newer one's score) only if its
-   box looks like the newer one's class, cos >= ``at_least``, and the newer one either scores
-   higher or its class is what the box looks like beyond any old object seen, cos >= ``look_alike``;
+   box is nearer to ``new_memory`` than to ``old_memory`` (nearest neighbour, cosine) and it
+   scores no higher than ``false_alarm_score``: it looks like the new objects and the base's false
+   alarms on them more than like any old object seen, and the base is no surer than it ever was
+   about a false alarm;
 3. otherwise a newer detection that scores lower than an overlapping older one is lowered the same way.
 
 The base's detections are otherwise untouched: no other score, box or label changes. A branch that
 was never calibrated falls back to the plain soft merge (the stronger claim wins) and ``calibrate``
-is logged as missing.
+is logged as missing. How the rule was chosen, on val: ``benchmarks/arbitration.py``.
 """
 
 from __future__ import annotations
@@ -35,49 +38,72 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-__all__ = ["ARBITRATION_STATE", "KEEPER_SCORE", "PRIOR_BOXES", "arbitrate", "calibrate"]
+__all__ = ["ARBITRATION_STATE", "KEEPER_SCORE", "MEMORY", "PRIOR_BOXES", "arbitrate", "calibrate"]
 
 log = logging.getLogger(__name__)
 
 PRIOR_BOXES = 7  # alpha = n / (n + PRIOR_BOXES): 0.7 at 10 images per class (~16 boxes), as chosen on val
-KEEPER_SCORE = 0.5  # a detection of the model before the branch this confident is an old object
-NEW_QUANTILE = 0.05  # at_least: the share of labelled new objects allowed below it
-ARBITRATION_STATE = ("prototypes", "alpha", "look_alike", "at_least", "calibrated")  # each branch's buffers
+KEEPER_SCORE = 0.5  # a detection this confident is an old object (away from new ones) or a false alarm (on one)
+MEMORY = 4096  # at most this many features in each memory (evenly spaced over the training objects)
+# each branch's buffers; new_memory and old_memory change length with the data (detgraft.branch.branch_layout)
+ARBITRATION_STATE = ("prototypes", "alpha", "new_memory", "old_memory", "false_alarm_score", "calibrated")
+RETIRED_STATE = ("look_alike", "at_least")  # saved by detgraft 0.x before the memories: ignored, calibrate again
 
 
 def add_arbitration_state(branch: nn.Module, num_new: int, like: Tensor, width: int | None = None) -> None:
     """The buffers ``calibrate`` fills, on ``branch`` (saved with its weights): one prototype of
-    ``width`` features (default ``like``'s row length) per new class, alpha, and the thresholds."""
+    ``width`` features (default ``like``'s row length) per new class, alpha, the two memories
+    (empty until calibrated) and the false-alarm score."""
     width = like.shape[1] if width is None else width
     branch.register_buffer("prototypes", like.new_zeros(num_new, width))
     branch.register_buffer("alpha", like.new_ones(num_new))
-    branch.register_buffer("look_alike", like.new_ones(()))
-    branch.register_buffer("at_least", like.new_ones(()))
+    branch.register_buffer("new_memory", like.new_zeros(0, width))
+    branch.register_buffer("old_memory", like.new_zeros(0, width))
+    branch.register_buffer("false_alarm_score", like.new_zeros(()))
     branch.register_buffer("calibrated", torch.tensor(False, device=like.device))
 
 
-def set_arbitration(branch: nn.Module, prototypes: Tensor, alpha: Tensor, look_alike: float, at_least: float) -> None:
+def memory_lengths(branch: nn.Module) -> list[int]:
+    """The lengths of ``branch``'s memories, for a checkpoint's layout (``resize_memories``)."""
+    return [len(branch.new_memory), len(branch.old_memory)]
+
+
+def resize_memories(branch: nn.Module, lengths: list[int]) -> None:
+    """Gives a rebuilt ``branch`` memories of the saved ``lengths`` (their values come with the weights)."""
+    branch.new_memory = branch.new_memory.new_zeros(lengths[0], branch.new_memory.shape[1])
+    branch.old_memory = branch.old_memory.new_zeros(lengths[1], branch.old_memory.shape[1])
+
+
+def set_arbitration(
+    branch: nn.Module,
+    prototypes: Tensor,
+    alpha: Tensor,
+    new_memory: Tensor,
+    old_memory: Tensor,
+    false_alarm_score: float,
+) -> None:
     with torch.no_grad():
         branch.prototypes.copy_(prototypes)
         branch.alpha.copy_(alpha)
-        branch.look_alike.fill_(look_alike)
-        branch.at_least.fill_(at_least)
+        branch.new_memory = new_memory.to(branch.prototypes)
+        branch.old_memory = old_memory.to(branch.prototypes)
+        branch.false_alarm_score.fill_(false_alarm_score)
         branch.calibrated.fill_(True)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tensor]]], batch: int = 8) -> dict:
-    """Learns the newest branch's prototypes and thresholds from ``examples`` (``(image,
-    target)`` pairs as a torchvision detection dataset yields them, labels in the model's label
-    space: the training images). Call it after training, with the images the branch learned
-    from; ``detgraft extend`` does. Returns what it learned (also logged)."""
+    """Learns the newest branch's prototypes, memories and false-alarm score from ``examples``
+    (``(image, target)`` pairs as a torchvision detection dataset yields them, labels in the
+    model's label space: the training images). Call it after training, with the images the branch
+    learned from; ``detgraft extend`` does. Returns what it learned (also logged)."""
     from .branch import BranchRoIHeads
     from .dense_branch import dense_calibration_pass, is_dense_branch_model
 
@@ -89,19 +115,19 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
     try:
         if is_dense_branch_model(model):
             branch = model.head.branches[-1]
-            return _fit(branch, *dense_calibration_pass(model, examples, batch, KEEPER_SCORE))
-        return _fit(heads.branches[-1], *_rcnn_pass(model, heads, heads.branches[-1], examples, batch))
+            passes = dense_calibration_pass(model, examples, batch)
+        else:
+            branch = heads.branches[-1]
+            passes = _rcnn_pass(model, heads, branch, examples, batch)
+        return _fit(branch, _seen(passes, branch))
     finally:
         model.train(was_training)
 
 
-def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The base features of the labelled new objects of ``examples``, their labels (0-based in the
-    branch), and the base features of the old objects the model detects away from them."""
+def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int):
+    """Per batch of ``examples``: the targets (in the transformed images), the model's detections
+    before ``branch`` scoring >= ``KEEPER_SCORE``, and a function giving the base features at boxes."""
     device = next(model.parameters()).device
-    new_feats: list[Tensor] = []
-    new_labels: list[Tensor] = []
-    keeper_feats: list[Tensor] = []
     for chunk in chunks(examples, batch):
         images = [im.to(device) for im, _ in chunk]
         targets = [
@@ -113,62 +139,102 @@ def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int) -> tuple[T
             features = OrderedDict([("0", features)])
         proposals, _ = model.rpn(image_list, features)
         before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
-        own_boxes, labels, keepers = training_objects(targets, before, branch)
-        new_labels += labels
-        new_feats.append(base_features(heads, features, own_boxes, image_list.image_sizes))
-        keeper_feats.append(base_features(heads, features, keepers, image_list.image_sizes))
-    if not new_feats:
+        yield targets, before, lambda boxes: base_features(heads, features, boxes, image_list.image_sizes)  # noqa: B023
+
+
+def _seen(passes: Iterable[tuple[list, list, Callable]], branch: nn.Module) -> dict[str, Tensor]:
+    """The base features of the training objects (``training_objects``) over all ``passes``."""
+    seen: dict[str, list[Tensor]] = {k: [] for k in ("new", "labels", "false_alarms", "false_alarm_scores", "old")}
+    for targets, before, features_at in passes:
+        objects = training_objects(targets, before, branch)
+        for key in ("new", "false_alarms", "old"):
+            seen[key].append(features_at(objects[key]))
+        seen["labels"] += objects["labels"]
+        seen["false_alarm_scores"] += objects["false_alarm_scores"]
+    if not seen["labels"]:
         raise ValueError("calibrate needs the training examples; got none")
-    return torch.cat(new_feats), torch.cat(new_labels), torch.cat(keeper_feats)
+    return {k: torch.cat(v) for k, v in seen.items()}
 
 
-def training_objects(targets: list[dict], before: list[dict], branch) -> tuple[list, list, list]:
-    """Per image: the labelled boxes of the branch's classes, their labels (0-based in the
-    branch), and the old objects, the model's detections before the branch (``before``) that score
-    >= ``KEEPER_SCORE`` away from those boxes (IoU < 0.3)."""
-    own_boxes, labels, keepers = [], [], []
+def training_objects(targets: list[dict], before: list[dict], branch: nn.Module) -> dict[str, list[Tensor]]:
+    """Per image (each value a list over images): the labelled boxes of the branch's classes
+    (``new``) and their labels, 0-based in the branch (``labels``); the model's detections before the
+    branch (``before``) that score >= ``KEEPER_SCORE`` on those boxes, IoU >= 0.5 (``false_alarms``,
+    with ``false_alarm_scores``) and away from them, IoU < 0.3 (``old``)."""
+    objects: dict[str, list[Tensor]] = {k: [] for k in ("new", "labels", "false_alarms", "false_alarm_scores", "old")}
     for t, d in zip(targets, before):
         own = branch.owns(t["labels"])
-        keep = d["scores"] >= KEEPER_SCORE
-        if own.any() and keep.any():
-            keep &= box_iou(d["boxes"], t["boxes"][own]).max(1).values < 0.3
-        own_boxes.append(t["boxes"][own])
-        labels.append(t["labels"][own] - branch.first_label)
-        keepers.append(d["boxes"][keep])
-    return own_boxes, labels, keepers
+        confident = d["scores"] >= KEEPER_SCORE
+        iou = d["scores"].new_zeros(len(d["scores"]))
+        if own.any() and len(d["boxes"]):
+            iou = box_iou(d["boxes"], t["boxes"][own]).max(1).values
+        on_new = confident & (iou >= 0.5)
+        objects["new"].append(t["boxes"][own])
+        objects["labels"].append(t["labels"][own] - branch.first_label)
+        objects["false_alarms"].append(d["boxes"][on_new])
+        objects["false_alarm_scores"].append(d["scores"][on_new])
+        objects["old"].append(d["boxes"][confident & (iou < 0.3)])
+    return objects
 
 
-def _fit(branch: nn.Module, feats: Tensor, labels: Tensor, keepers: Tensor) -> dict:
-    """Prototypes, alpha and thresholds from the new objects' features ``feats`` (class ``labels``,
-    0-based) and the old objects' ``keepers``, set on ``branch``; returns them for the record."""
+def _fit(branch: nn.Module, seen: dict[str, Tensor]) -> dict:
+    """Prototypes, alpha, memories and the false-alarm score from ``seen`` (``_seen``), set on
+    ``branch``; returns them for the record."""
     num_new = len(branch.prototypes)
+    feats, labels = seen["new"], seen["labels"]
     missing = [branch.first_label + c for c in range(num_new) if not (labels == c).any()]
     if missing:
         raise ValueError(f"calibrate needs labelled boxes of every new class; none of label(s) {missing}")
     prototypes = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(num_new)]), dim=1)
-    own_similarity = (feats * prototypes[labels]).sum(1)
-    old_similarity = (keepers @ prototypes.T).max(1).values
-    median_new = own_similarity.median().item()
-    look_alike = max(old_similarity.max().item(), median_new) if len(keepers) else 1.0
-    at_least = torch.quantile(own_similarity, NEW_QUANTILE).item()
     boxes = torch.bincount(labels, minlength=num_new).to(feats)
     alpha = boxes / (boxes + PRIOR_BOXES)
-    set_arbitration(branch, prototypes, alpha, look_alike=look_alike, at_least=at_least)
-    quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
+    new_memory = _spread(torch.cat([feats, seen["false_alarms"]]))
+    old_memory = _spread(seen["old"])
+    scores = seen["false_alarm_scores"]
+    false_alarm_score = scores.max().item() if len(scores) else 0.0
+    set_arbitration(branch, prototypes, alpha, new_memory, old_memory, false_alarm_score)
     learned = {
         "new_boxes": len(feats),
-        "old_objects": len(keepers),
-        "look_alike": round(look_alike, 4),
-        "at_least": round(at_least, 4),
+        "false_alarms": len(seen["false_alarms"]),
+        "old_objects": len(seen["old"]),
+        "false_alarm_score": round(false_alarm_score, 4),
         "alpha": [round(a, 3) for a in alpha.tolist()],
-        # how far apart the two are: similarity to the new prototypes at the quantiles 5/25/50/75/95/100%
-        "new_similarity": [round(v, 3) for v in torch.quantile(own_similarity.cpu(), quantiles).tolist()],
-        "old_similarity": [round(v, 3) for v in torch.quantile(old_similarity.cpu(), quantiles).tolist()]
-        if len(keepers)
-        else [],
+        # how well the memories separate, each item judged by the others (leave-one-out): the share
+        # of old objects nearer to new_memory, and of new_memory nearer to old_memory
+        "old_like_new": _share_nearer(old_memory, new_memory),
+        "new_like_old": _share_nearer(new_memory, old_memory),
     }
-    log.info("arbitration calibrated on %d new and %d old objects: %s", len(feats), len(keepers), learned)
+    log.info(
+        "arbitration calibrated on %d new boxes, %d false alarms of the base on them and %d old objects: %s",
+        len(feats),
+        len(seen["false_alarms"]),
+        len(seen["old"]),
+        learned,
+    )
     return learned
+
+
+def _spread(features: Tensor) -> Tensor:
+    """At most ``MEMORY`` rows of ``features``, evenly spaced."""
+    if len(features) <= MEMORY:
+        return features
+    return features[torch.linspace(0, len(features) - 1, MEMORY, device=features.device).long()]
+
+
+def _share_nearer(own: Tensor, other: Tensor) -> float | None:
+    """The share of ``own``'s rows nearer to ``other`` than to the rest of ``own``."""
+    if len(own) < 2:
+        return None
+    within = own @ own.T
+    within.fill_diagonal_(-2.0)
+    return round((_nearest(own, other) > within.max(1).values).float().mean().item(), 3)
+
+
+def _nearest(features: Tensor, memory: Tensor) -> Tensor:
+    """Each row's cosine to its nearest ``memory`` row (-2 when the memory is empty)."""
+    if len(memory) == 0:
+        return features.new_full((len(features),), -2.0)
+    return (features @ memory.T).max(1).values
 
 
 def chunks(items: Iterable, size: int):
@@ -217,25 +283,28 @@ def _stronger(boxes: Tensor, scores: Tensor, source: Tensor, iou: float) -> Tens
 
 def _calibrated(boxes, scores, labels, source, branches, iou, features):
     """Prototype-calibrated scores and lowers[i, j] as the module doc says."""
-    n = len(boxes)
-    claim_prototype = torch.zeros_like(features)  # the prototype of each new detection's class
-    at_least = torch.ones(n, device=boxes.device)
-    look_alike = torch.ones(n, device=boxes.device)
     scores = scores.clone()
     for k, branch in enumerate(branches, start=1):
         mine = source == k
-        if not mine.any():
-            continue
-        index = labels[mine] - branch.first_label
-        claim_prototype[mine] = branch.prototypes[index]
-        at_least[mine], look_alike[mine] = branch.at_least, branch.look_alike
-        similarity = (features[mine] * claim_prototype[mine]).sum(1).clamp(min=0)
-        alpha = branch.alpha[index]
-        scores[mine] = alpha * scores[mine] + (1 - alpha) * similarity
+        if mine.any():
+            index = labels[mine] - branch.first_label
+            similarity = (features[mine] * branch.prototypes[index]).sum(1).clamp(min=0)
+            alpha = branch.alpha[index]
+            scores[mine] = alpha * scores[mine] + (1 - alpha) * similarity
     overlap = _overlap(boxes, source, iou)
     older = source[:, None] < source[None, :]  # i is older than j
-    resembles = features @ claim_prototype.T  # [i, j]: i's box against j's class
+    newer_wins = torch.zeros_like(overlap)
+    for k, branch in enumerate(branches, start=1):
+        claims = overlap & older & (source == k)[None, :]  # [i, j]: j of branch k claims i's object
+        contested = claims.any(1)
+        if not contested.any():
+            continue
+        f = features[contested]
+        false_alarm = torch.zeros_like(contested)
+        false_alarm[contested] = (_nearest(f, branch.new_memory) > _nearest(f, branch.old_memory)) & (
+            scores[contested] <= branch.false_alarm_score
+        )
+        newer_wins |= claims & false_alarm[:, None]
     stronger = scores[None, :] > scores[:, None]
-    newer_wins = overlap & older & (resembles >= at_least[None, :]) & (stronger | (resembles >= look_alike[None, :]))
     older_wins = overlap & ~older & stronger & ~newer_wins.T
     return scores, newer_wins | older_wins

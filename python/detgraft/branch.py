@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 
-from .arbitration import ARBITRATION_STATE, add_arbitration_state, arbitrate, base_features, set_arbitration
+from .arbitration import (
+    ARBITRATION_STATE,
+    add_arbitration_state,
+    arbitrate,
+    base_features,
+    memory_lengths,
+    resize_memories,
+)
 from .teacher import add_teacher_boxes
 
 __all__ = ["ARBITRATION_STATE", "Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
@@ -61,9 +68,6 @@ class Branch(nn.Module):
         self.mask_predictor = mask_predictor  # Mask R-CNN: background + the branch's classes, on the base's mask head
         # the arbitration's state (detgraft.arbitration.calibrate): saved with the weights
         add_arbitration_state(self, self.num_classes - 1, box_predictor.cls_score.weight)
-
-    def set_arbitration(self, prototypes: Tensor, alpha: Tensor, look_alike: float, at_least: float) -> None:
-        set_arbitration(self, prototypes, alpha, look_alike, at_least)
 
     @property
     def num_classes(self) -> int:
@@ -310,7 +314,13 @@ def branch_layout(model: nn.Module) -> dict | None:
         "base_width": heads.base_width,
         "merge_iou": heads.merge_iou,
         "branches": [
-            {"first_label": b.first_label, "num_classes": b.num_classes, "others": b.others} for b in heads.branches
+            {
+                "first_label": b.first_label,
+                "num_classes": b.num_classes,
+                "others": b.others,
+                "memory": memory_lengths(b),
+            }
+            for b in heads.branches
         ],
     }
 
@@ -319,7 +329,8 @@ def restore_branches(model: nn.Module, layout: dict) -> None:
     """Rebuilds the branches ``branch_layout`` described (weights follow with load_state_dict)."""
     for b in layout["branches"]:
         labels = list(range(b["first_label"], b["first_label"] + b["num_classes"] - 1))
-        add_branch(model, labels, layout["merge_iou"], others=b.get("others", False))
+        branch = add_branch(model, labels, layout["merge_iou"], others=b.get("others", False))
+        resize_memories(branch, b.get("memory", [0, 0]))
     model.roi_heads.base_width = layout["base_width"]
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .arbitration import RETIRED_STATE
 from .branch import ARBITRATION_STATE, branch_layout, restore_branches
 from .card import ModelCard, get_card
 from .dense_branch import dense_branch_layout, restore_dense_branches
@@ -112,16 +113,20 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     if meta.get("branches"):
         restore = restore_dense_branches if meta["branches"].get("kind") == "dense" else restore_branches
         restore(model, meta["branches"])
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    state = load_file(str(weights))
+    retired = [k for k in state if k.rpartition(".")[2] in RETIRED_STATE]
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in retired}, strict=False)
     uncalibrated = [k for k in missing if k.rpartition(".")[2] in ARBITRATION_STATE]
     if unexpected or len(uncalibrated) < len(missing):
         raise RuntimeError(
             f"{str(weights)!r} does not fit the model {META} describes: "
             f"missing {sorted(set(missing) - set(uncalibrated))}, unexpected {sorted(unexpected)}"
         )
-    if uncalibrated:
+    if uncalibrated or retired:
+        for key in {k.rpartition(".")[0] for k in uncalibrated + retired}:
+            model.get_submodule(key).calibrated.fill_(False)
         log.warning(
-            "%s was saved before branches kept their arbitration: calibrate it again with detgraft.calibrate(model, "
+            "%s was saved without this detgraft's arbitration state: calibrate it again with detgraft.calibrate(model, "
             "training examples) (until then old and new detections are merged by score alone)",
             folder,
         )

@@ -12,7 +12,7 @@ the same anchors, torchvision's own ``postprocess_detections`` turns each into d
 base's detections are all kept bit for bit). What the arbitration reads as "the base's features at
 a box" is the base's classification tower (the features its class scores come from), RoI-aligned
 at the box from the FPN level of its size and averaged; ``detgraft.calibrate`` learns the
-prototypes and thresholds from them, as for R-CNN. Uncalibrated, the stronger claim wins.
+prototypes and the memories from them, as for R-CNN. Uncalibrated, the stronger claim wins.
 
 The model stays a torchvision ``RetinaNet`` / ``FCOS`` (its class and its head's class become
 subclasses, as ``BranchRoIHeads`` does for R-CNNs): ``model(images, targets)`` returns
@@ -33,7 +33,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
-from .arbitration import add_arbitration_state, arbitrate, chunks, training_objects
+from .arbitration import add_arbitration_state, arbitrate, chunks, memory_lengths, resize_memories
 from .branch import attach_branch
 
 __all__ = ["DenseBranch", "add_dense_branch", "is_dense_branch_model"]
@@ -175,13 +175,11 @@ def tower_features(tower: list[Tensor], boxes: list[Tensor], image_sizes) -> Ten
 
 
 @torch.no_grad()
-def dense_calibration_pass(model: nn.Module, examples, batch: int, keeper_score: float):
-    """What ``detgraft.calibrate`` learns from for a RetinaNet / FCOS branch: the tower features of
-    the labelled new objects, their labels (0-based in the newest branch), and the tower features
-    of the old objects the model detected before that branch, away from them."""
+def dense_calibration_pass(model: nn.Module, examples, batch: int):
+    """What ``detgraft.calibrate`` learns from for a RetinaNet / FCOS branch, per batch of
+    ``examples``: the targets (in the transformed images), the model's detections before the newest
+    branch, and a function giving the base tower's features at boxes."""
     device = next(model.parameters()).device
-    branch = model.head.branches[-1]
-    new_feats, new_labels, keeper_feats = [], [], []
     for chunk in chunks(examples, batch):
         images = [im.to(device) for im, _ in chunk]
         targets = [
@@ -200,13 +198,8 @@ def dense_calibration_pass(model: nn.Module, examples, batch: int, keeper_score:
             {k: torch.cat([s[i][k] for s in sources[:-1]]) for k in ("boxes", "scores", "labels")}
             for i in range(len(images))
         ]
-        own_boxes, labels, keepers = training_objects(targets, before, branch)
-        new_labels += labels
-        new_feats.append(tower_features(model.head.tower, own_boxes, image_list.image_sizes))
-        keeper_feats.append(tower_features(model.head.tower, keepers, image_list.image_sizes))
-    if not new_feats:
-        raise ValueError("calibrate needs the training examples; got none")
-    return torch.cat(new_feats), torch.cat(new_labels), torch.cat(keeper_feats)
+        tower = model.head.tower
+        yield targets, before, lambda boxes: tower_features(tower, boxes, image_list.image_sizes)  # noqa: B023
 
 
 class BranchRetinaNet(_BranchModel, RetinaNet):
@@ -265,11 +258,15 @@ def dense_branch_layout(model: nn.Module) -> dict | None:
         "kind": "dense",
         "base_width": model.head.base_classes,
         "merge_iou": model.merge_iou,
-        "branches": [{"first_label": b.first_label, "num_classes": b.num_classes} for b in model.head.branches],
+        "branches": [
+            {"first_label": b.first_label, "num_classes": b.num_classes, "memory": memory_lengths(b)}
+            for b in model.head.branches
+        ],
     }
 
 
 def restore_dense_branches(model: nn.Module, layout: dict) -> None:
     for b in layout["branches"]:
-        add_dense_branch(model, list(range(b["first_label"], b["first_label"] + b["num_classes"])), layout["merge_iou"])
+        labels = list(range(b["first_label"], b["first_label"] + b["num_classes"]))
+        resize_memories(add_dense_branch(model, labels, layout["merge_iou"]), b.get("memory", [0, 0]))
     model.head.base_classes = layout["base_width"]
