@@ -6,6 +6,7 @@
     detgraft drift MODEL --base BASE --images DIR
     detgraft extend --base MODEL --train DATA [--train DATA ...] [--images DIR] [--val DATA] --out DIR
     detgraft data check DATA [DATA ...] [--json FILE]
+    detgraft export MODEL --out FILE [--format torchscript]
     detgraft demo [--out runs/demo] [--quick]
 
 MODEL is what ``detgraft.load_model`` accepts: a checkpoint folder, a torchvision builder name with
@@ -130,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", help="also write the reports to this JSON file")
     check.set_defaults(run=_data_check)
 
+    export = sub.add_parser("export", parents=[model], help="a file that runs without detgraft (TorchScript)")
+    export.add_argument("--out", required=True, help="the file to write (model.pt)")
+    export.add_argument("--format", default="torchscript", help="torchscript (branch models: not yet)")
+    export.add_argument("--images", help="compare the export with the model on up to 4 images of this folder")
+    export.set_defaults(run=_export)
+
     demo = sub.add_parser("demo", help="the whole story offline, on shapes it draws (a few minutes on 2 cores)")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, models and reports")
     demo.add_argument("--cache", help="where the demo's base detector is kept (default ~/.cache/detgraft/demo)")
@@ -155,6 +162,26 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, type=types[f.type], default=default, help=f"{f.metadata['help']} (default {shown})"
             )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+    from .image_files import load_image
+
+    model = _load(args)
+    images = None
+    if args.images:
+        device = next(model.parameters()).device
+        images = [load_image(str(p)).float().div(255).to(device) for p in find_images(args.images)[:4]]
+        if not images:
+            raise FileNotFoundError(f"--images {args.images!r} holds no image (.jpg, .png, ...; not searched below)")
+    check = export(model, args.out, args.format, images)
+    Console().print(
+        f"{args.out}: load it with torch.jit.load. On {check['detections']} detections the largest difference from "
+        f"the model is {check['max_box_difference']:.2g} px in a box and {check['max_score_difference']:.2g} in a "
+        "score" + ("" if check["detections"] else " (nothing detected to compare: give --images)")
+    )
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
