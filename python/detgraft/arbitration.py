@@ -127,19 +127,25 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
 def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int):
     """Per batch of ``examples``: the targets (in the transformed images), the model's detections
     before ``branch`` scoring >= ``KEEPER_SCORE``, and a function giving the base features at boxes."""
-    device = next(model.parameters()).device
     for chunk in chunks(examples, batch):
-        images = [im.to(device) for im, _ in chunk]
-        targets = [
-            {"boxes": t["boxes"].to(device).reshape(-1, 4).float(), "labels": t["labels"].to(device)} for _, t in chunk
-        ]
-        image_list, targets = model.transform(images, targets)
+        image_list, targets = transformed(model, chunk)
         features = model.backbone(image_list.tensors)
         if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
             features = OrderedDict([("0", features)])
         proposals, _ = model.rpn(image_list, features)
         before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
         yield targets, before, lambda boxes: base_features(heads, features, boxes, image_list.image_sizes)  # noqa: B023
+
+
+def transformed(model: nn.Module, chunk: list[tuple[Tensor, dict[str, Tensor]]]):
+    """A chunk of (image, target) pairs on the model's device, through its transform: the
+    ``ImageList`` and the targets (boxes and labels) in its coordinates."""
+    device = next(model.parameters()).device
+    images = [im.to(device) for im, _ in chunk]
+    targets = [
+        {"boxes": t["boxes"].to(device).reshape(-1, 4).float(), "labels": t["labels"].to(device)} for _, t in chunk
+    ]
+    return model.transform(images, targets)
 
 
 def _seen(passes: Iterable[tuple[list, list, Callable]], branch: nn.Module) -> dict[str, Tensor]:

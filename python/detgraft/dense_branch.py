@@ -33,7 +33,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
-from .arbitration import add_arbitration_state, arbitrate, chunks, memory_lengths, resize_memories
+from .arbitration import add_arbitration_state, arbitrate, chunks, memory_lengths, resize_memories, transformed
 from .branch import attach_branch
 
 __all__ = ["DenseBranch", "add_dense_branch", "is_dense_branch_model"]
@@ -179,13 +179,8 @@ def dense_calibration_pass(model: nn.Module, examples, batch: int):
     """What ``detgraft.calibrate`` learns from for a RetinaNet / FCOS branch, per batch of
     ``examples``: the targets (in the transformed images), the model's detections before the newest
     branch, and a function giving the base tower's features at boxes."""
-    device = next(model.parameters()).device
     for chunk in chunks(examples, batch):
-        images = [im.to(device) for im, _ in chunk]
-        targets = [
-            {"boxes": t["boxes"].to(device).reshape(-1, 4).float(), "labels": t["labels"].to(device)} for _, t in chunk
-        ]
-        image_list, targets = model.transform(images, targets)
+        image_list, targets = transformed(model, chunk)
         features = list(model.backbone(image_list.tensors).values())
         outputs = model.head(features)
         anchors = model.anchor_generator(image_list, features)
@@ -196,7 +191,7 @@ def dense_calibration_pass(model: nn.Module, examples, batch: int):
         sources = model.sources(split, [list(a.split(sizes)) for a in anchors], image_list.image_sizes)
         before = [
             {k: torch.cat([s[i][k] for s in sources[:-1]]) for k in ("boxes", "scores", "labels")}
-            for i in range(len(images))
+            for i in range(len(targets))
         ]
         tower = model.head.tower
         yield targets, before, lambda boxes: tower_features(tower, boxes, image_list.image_sizes)  # noqa: B023
