@@ -31,14 +31,16 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def start(device: str) -> None:
-    """Joins torchrun's process group, once; on CUDA, "cuda" becomes this process's GPU."""
+def start(device: str) -> bool:
+    """Joins torchrun's process group unless the program already has (on CUDA, "cuda" becomes this
+    process's GPU); whether it joined here (then ``stop`` leaves it)."""
     if world()[1] == 1 or dist.is_initialized():
-        return
+        return False
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
+    return True
 
 
 def stop() -> None:

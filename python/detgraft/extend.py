@@ -169,7 +169,7 @@ def extend(
     settings = settings or ExtendSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    distributed.start(settings.device)
+    joined = distributed.start(settings.device)
     logger = logging.getLogger("detgraft")
     handler = None
     if distributed.is_main():
@@ -181,7 +181,8 @@ def extend(
     try:
         return _extend(model, train, settings, out, val, replay, resume)
     finally:
-        distributed.stop()  # leaves torchrun's process group (a process that exits inside it aborts)
+        if joined:  # a process that exits inside torchrun's process group aborts
+            distributed.stop()
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
