@@ -252,9 +252,10 @@ def table(results: dict) -> str:
     if s.get("others"):
         lines += [
             "",
-            "Other strategies on draw 0 of each size, trained the same way (`--strategy`, otherwise the defaults, "
-            "`--steps auto`; their learning rates are the defaults, not chosen on val). Cells: old x base / new AP / "
-            "old-on-new / train s.",
+            "Other strategies on draw 0 of each size (`python benchmarks/sizes.py --bench ../shared/bench --data $DATA "
+            f"--runs $RUNS --others {' '.join(s['others'])}`), trained the same way (`--strategy`, otherwise the "
+            "defaults, `--steps auto`; their learning rates are the defaults, not chosen on val). Cells: old x base / "
+            "new AP / old-on-new / train s.",
             "",
             "| strategy | " + " | ".join(f"{k} per class" for k in map(str, SIZES)) + " |",
             "|---|" + "---|" * len(SIZES),
