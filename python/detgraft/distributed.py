@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_main", "start", "stop", "world"]
+__all__ = ["any_process", "is_main", "mean", "start", "stop", "world", "wrap"]
 
 
 def world() -> tuple[int, int]:
