@@ -10,12 +10,14 @@ each variant:
 
 - merge off: the base's detections untouched; score only: the stronger claim wins (what an
   uncalibrated branch does);
-- the default (an old detection under a new one is lowered when its base feature is nearer to
+- the default (an old detection under a new one is lowered, its score halved, when its base
+  feature is nearer to
   the new memory than to the old one and it scores no higher than the base's surest false alarm
   on the training images; new scores calibrated by the prototypes with alpha = n / (n + 7) for n
   labelled boxes), and the default without the false-alarm score (1.0), without the old memory
   (every contested old detection under that score lowered), with alpha 1.0 (no prototype
-  calibration) or 0.5 for every class.
+  calibration) or 0.5 for every class, and with the lowering before ``LOWERED`` (the loser's score
+  times 1 - the winner's).
 
 Scores: old-class AP (x the base's on val), new-class AP, old-on-new (chicken/frog objects on
 which an old class fires, score >= 0.5, IoU >= 0.5); a size's cell is the mean over its draws.
@@ -45,20 +47,26 @@ MODELS = {str(k): [f"k{k}-draw{d}" for d in range(3)] for k in (10, 30, 50)} | {
 
 
 def record(model, data) -> list:
-    """What ``arbitrate`` receives for each image of ``data``, in image order."""
+    """What the merge (``detgraft.arbitration.merge``) receives for each image of ``data``, in image order."""
     seen = []
-    original = branch.arbitrate
+    original = branch.merge
 
     def spy(sources, branches, iou, features):
         seen.append((sources, features))
         return original(sources, branches, iou, features)
 
-    branch.arbitrate = spy
+    branch.merge = spy
     try:
         detect(model, data)
     finally:
-        branch.arbitrate = original
+        branch.merge = original
     return seen
+
+
+def _times_doubt(scores, lowers):
+    """The lowering before ``LOWERED``: a lowered detection's score times 1 - each lowering score."""
+    doubt = torch.log1p(-scores.clamp(max=1 - 1e-6))[None, :].expand_as(lowers)
+    return scores * torch.where(lowers, doubt, torch.zeros_like(doubt)).sum(1).exp()
 
 
 def replay(model, data, seen, variant: dict) -> dict:
@@ -74,12 +82,18 @@ def replay(model, data, seen, variant: dict) -> dict:
         alpha=torch.full_like(b.alpha, variant["alpha"]) if "alpha" in variant else b.alpha,
     )
     detections = {}
-    for im, (sources, features) in zip(data.coco["images"], seen):
-        iou = None if variant.get("off") else heads.merge_iou
-        feats = None if variant.get("score_only") else features
-        boxes, scores, labels = arbitration.arbitrate(sources, [fake], iou, feats)
-        n = heads.detections_per_img
-        detections[im["id"]] = {"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]}
+    lowered = arbitration._lowered
+    if variant.get("times_doubt"):
+        arbitration._lowered = _times_doubt
+    try:
+        for im, (sources, features) in zip(data.coco["images"], seen):
+            iou = None if variant.get("off") else heads.merge_iou
+            feats = None if variant.get("score_only") else features
+            boxes, scores, labels = arbitration.arbitrate(sources, [fake], iou, feats)
+            n = heads.detections_per_img
+            detections[im["id"]] = {"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]}
+    finally:
+        arbitration._lowered = lowered
     ev = evaluate(model, data, detections=detections)
     return {
         "old_ap": round(ev.groups["old"]["ap"], 4),
@@ -92,6 +106,7 @@ VARIANTS = {
     "merge off": {"off": True},
     "score only (stronger claim wins)": {"score_only": True},
     "default": {},
+    "lowered to score x (1 - the winner's score), not x 0.5": {"times_doubt": True},
     "no false-alarm score (1.0)": {"false_alarm_score": torch.tensor(1.0)},
     "no old memory": {"no_old_memory": True},
     "alpha 1.0 (no prototype calibration)": {"alpha": 1.0},

@@ -20,6 +20,7 @@ runs in ``--runs`` are reused (delete a folder to redo it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import subprocess
@@ -33,6 +34,11 @@ import detgraft  # noqa: E402
 from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
 
 HERE = Path(__file__).parent
+# the code between a model's weights and its detections on the branch path: a cached score is only
+# reused for the same weights and the same code
+INFERENCE_CODE = hashlib.sha256(
+    b"".join((Path(detgraft.__file__).parent / f).read_bytes() for f in ("arbitration.py", "branch.py"))
+).hexdigest()[:16]
 SIZES = (10, 30, 50)
 DRAWS = (0, 1, 2)
 STEP1, STEP2 = ("chicken", "frog"), ("duck", "turtle", "penguin")
@@ -105,9 +111,9 @@ def score(model, test, objects: tuple[str, ...]) -> dict:
 def scored(folder: Path, test, objects: tuple[str, ...], merge_off: bool, split: str = "test") -> dict:
     """``score`` of the model in ``folder`` (and with the merge off) on ``test`` (the ``split``),
     kept in ``folder/{split}_scores.json`` for the weights it was computed on (their SHA-256 in
-    detgraft.json)."""
+    detgraft.json) and the code that merges detections (``INFERENCE_CODE``)."""
     cache = folder / f"{split}_scores.json"
-    sha = json.loads((folder / "detgraft.json").read_text())["weights_sha256"]
+    sha = json.loads((folder / "detgraft.json").read_text())["weights_sha256"] + "+" + INFERENCE_CODE
     if cache.is_file() and json.loads(cache.read_text())["weights_sha256"] == sha:
         return json.loads(cache.read_text())["scores"]
     model = detgraft.load_model(folder)

@@ -29,10 +29,44 @@ def test_a_head_model_exports_to_torchscript_with_the_same_detections(tmp_path):
         torch.testing.assert_close(a["boxes"], b["boxes"])
 
 
-def test_a_branch_model_is_refused_with_what_to_do():
+def test_a_branch_model_exports_with_its_branches_and_merge(tmp_path):
+    """The default strategy's model, calibrated and with a branch that claims objects, scripted:
+    plain torch.jit.load gives the detections of the merge, not the base's nor the unmerged ones."""
+    from detgraft.arbitration import calibrate, set_arbitration
+
     model = build()
+    detgraft.expand_predictor(model, ["chicken", "frog"])
+    model = incremental(model, "branch")
+    branch = model.roi_heads.branches[0]
+    with torch.no_grad():
+        branch.box_predictor.cls_score.bias[1:3] += 20.0  # the branch sees chickens and frogs everywhere
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([label])} for label in (6, 7)]
+    calibrate(model, zip(images(), targets))
+    # every old detection a new one claims is a false alarm: no old object memory, no score cap
+    set_arbitration(branch, branch.prototypes, branch.alpha, branch.new_memory, branch.new_memory[:0], 1.0)
+    model.eval()
+    check = export(model, tmp_path / "branch.pt", images=images())
+    assert check["detections"] > 0 and check["max_score_difference"] < 1e-5
+    _, exported = torch.jit.load(str(tmp_path / "branch.pt"))(images())
+    with torch.no_grad():
+        merged = model(images())
+        model.roi_heads.merge_iou = None
+        unmerged = model(images())
+    assert any(len(d["labels"]) and (d["labels"] >= 6).any() for d in merged)
+    for a, b in zip(merged, exported):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+    lowered = [not torch.equal(a["scores"], c["scores"]) for a, c in zip(merged, unmerged)]
+    assert any(lowered)  # the merge acted, and the scripted graph did the same
+
+
+def test_a_mask_rcnn_branch_model_is_refused_with_what_to_do():
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=6)
     detgraft.expand_predictor(model, ["chicken"])
-    with pytest.raises(ValueError, match="branch model cannot be exported yet.*--strategy head"):
+    with pytest.raises(ValueError, match="Mask R-CNN branch model cannot be exported yet.*--strategy head"):
         export(incremental(model, "branch"), "unused.pt")
 
 

@@ -211,9 +211,9 @@ def test_uncalibrated_merge_lets_the_stronger_claim_win():
     old = (torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), torch.tensor([0.6, 0.9]), torch.tensor([2, 3]))
     new = (torch.tensor([[0.0, 0, 10, 11], [50, 50, 60, 61]]), torch.tensor([0.8, 0.3]), torch.tensor([6, 6]))
     boxes, scores, labels = arbitrate([old, new], [], 0.5, None)
-    # the old 2 under a stronger new 6 keeps 0.6 * (1 - 0.8); the new 6 under a stronger old 3 keeps 0.3 * 0.1
+    # the old 2 under a stronger new 6 keeps half its score; so does the new 6 under a stronger old 3
     assert labels.tolist() == [3, 6, 2, 6]
-    torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.6 * 0.2, 0.3 * 0.1]))
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.6 * 0.5, 0.3 * 0.5]))
     _, scores, labels = arbitrate([old, new], [], None, None)
     assert labels.tolist() == [3, 6, 2, 6] and scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.3])
 
@@ -254,20 +254,20 @@ def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
     got = {(int(b[0]), int(label)): float(s) for b, s, label in zip(boxes, scores, labels)}
     calibrated = [alpha * s + (1 - alpha) * sim for s, sim in ((0.8, 1.0), (0.99, 0.6), (0.9, 1.0), (0.9, 1.0))]
     # nearer the chickens than any old object, and no surer than a false alarm: lowered, though it scored higher
-    assert got[(0, 2)] == pytest.approx(0.9 * (1 - calibrated[0]))
+    assert got[(0, 2)] == pytest.approx(0.9 * 0.5)
     assert got[(0, 6)] == pytest.approx(calibrated[0])
     # a pizza is never lowered, whatever the branch says; the branch's weaker claim is
-    assert got[(20, 3)] == old[1][1].item() and got[(20, 6)] == pytest.approx(calibrated[1] * (1 - 0.95))
+    assert got[(20, 3)] == old[1][1].item() and got[(20, 6)] == pytest.approx(calibrated[1] * 0.5)
     # away from every new detection: untouched
     assert got[(40, 2)] == old[1][2].item()
     # chicken-like, but the base is surer than of any false alarm: kept; the weaker new claim is lowered
-    assert got[(60, 2)] == old[1][3].item() and got[(60, 6)] == pytest.approx(calibrated[2] * (1 - 0.99))
+    assert got[(60, 2)] == old[1][3].item() and got[(60, 6)] == pytest.approx(calibrated[2] * 0.5)
     # weaker than the new claim, but nearer the old objects: kept as it is, beside the new detection
     assert got[(80, 2)] == old[1][4].item() and got[(80, 6)] == pytest.approx(calibrated[3])
 
 
 def test_calibrate_learns_prototypes_from_the_labelled_boxes():
-    from detgraft.arbitration import base_features, calibrate
+    from detgraft.arbitration import calibrate
 
     model = incremental(widened(), "branch")
     train(model, steps=1, losses={"loss_classifier", "loss_box_reg"})
@@ -278,7 +278,7 @@ def test_calibrate_learns_prototypes_from_the_labelled_boxes():
     with torch.no_grad():
         image_list, targets = model.transform(images(), copy.deepcopy(TARGETS))
         features = {"0": model.backbone(image_list.tensors)}
-        expected = base_features(model.roi_heads, features, [t["boxes"] for t in targets], image_list.image_sizes)
+        expected = model.roi_heads.base_features(features, [t["boxes"] for t in targets], image_list.image_sizes)
     torch.testing.assert_close(branch.prototypes, expected)
     torch.testing.assert_close(branch.new_memory[:2], expected)
     assert len(branch.new_memory) == 2 + learned["false_alarms"] and len(branch.old_memory) == learned["old_objects"]

@@ -21,36 +21,53 @@ At inference (``arbitrate``), with f the base feature at a detection's box:
    resemblance to what the user labelled agree. alpha = n / (n + ``PRIOR_BOXES``) for n labelled
    boxes of the class (0.7 for 16 boxes, 0.99 for 500);
 2. where an older detection (the base's, or an earlier branch's) and a newer one overlap with
-   IoU >= ``iou``, the older one is lowered (score times 1 - the newer one's score) only if its
+   IoU >= ``iou``, the older one is lowered (its score times ``LOWERED``, 0.5) only if its
    box is nearer to ``new_memory`` than to ``old_memory`` (nearest neighbour, cosine) and it
    scores no higher than ``false_alarm_score``: it looks like the new objects and the base's false
    alarms on them more than like any old object seen, and the base is no surer than it ever was
    about a false alarm;
 3. otherwise a newer detection that scores lower than an overlapping older one is lowered the same way.
 
-The base's detections are otherwise untouched: no other score, box or label changes. A branch that
-was never calibrated falls back to the plain soft merge (the stronger claim wins) and ``calibrate``
-is logged as missing. How the rule was chosen, on val: ``benchmarks/arbitration.py``.
+Lowered, not removed: a lowered detection falls below ``KEEPER_SCORE``, so it no longer counts as
+a confident detection, but it keeps its rank among the detections of its class below that score.
+Where the arbitration is wrong about a real old object, that object stays in the ranking above
+the weak detections instead of at the bottom. The base's detections are otherwise untouched: no
+other score, box or label changes. A branch that was never calibrated falls back to the plain
+soft merge (the stronger claim wins) and ``calibrate`` is logged as missing. How the rule was
+chosen, on val: ``benchmarks/arbitration.py``.
 """
-
-from __future__ import annotations
 
 import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-__all__ = ["ARBITRATION_STATE", "KEEPER_SCORE", "MEMORY", "PRIOR_BOXES", "arbitrate", "calibrate"]
+__all__ = [
+    "ARBITRATION_STATE",
+    "KEEPER_SCORE",
+    "LOWERED",
+    "MEMORY",
+    "PRIOR_BOXES",
+    "BranchState",
+    "arbitrate",
+    "calibrate",
+    "merge",
+]
 
 log = logging.getLogger(__name__)
 
 PRIOR_BOXES = 7  # alpha = n / (n + PRIOR_BOXES): 0.7 at 10 images per class (~16 boxes), as chosen on val
 KEEPER_SCORE = 0.5  # a detection this confident is an old object (away from new ones) or a false alarm (on one)
+# the loser of a contest keeps this share of its score: below KEEPER_SCORE (no longer a confident
+# detection) but ranked as before among the detections of its class, so a real object the
+# arbitration gets wrong loses little AP (chosen on val over score x (1 - the winner's score))
+LOWERED = 0.5
 MEMORY = 4096  # at most this many features in each memory (evenly spaced over the training objects)
 # each branch's buffers; new_memory and old_memory change length with the data (detgraft.branch.branch_layout)
 ARBITRATION_STATE = ("prototypes", "alpha", "new_memory", "old_memory", "false_alarm_score", "calibrated")
@@ -134,7 +151,7 @@ def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int):
             features = OrderedDict([("0", features)])
         proposals, _ = model.rpn(image_list, features)
         before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
-        yield targets, before, lambda boxes: base_features(heads, features, boxes, image_list.image_sizes)  # noqa: B023
+        yield targets, before, lambda boxes: heads.base_features(features, boxes, image_list.image_sizes)  # noqa: B023
 
 
 def transformed(model: nn.Module, chunk: list[tuple[Tensor, dict[str, Tensor]]]):
@@ -240,7 +257,7 @@ def _nearest(features: Tensor, memory: Tensor) -> Tensor:
     """Each row's cosine to its nearest ``memory`` row (-2 when the memory is empty)."""
     if len(memory) == 0:
         return features.new_full((len(features),), -2.0)
-    return (features @ memory.T).max(1).values
+    return (features @ memory.T).amax(1)
 
 
 def chunks(items: Iterable, size: int):
@@ -249,32 +266,57 @@ def chunks(items: Iterable, size: int):
         yield chunk
 
 
-def base_features(heads: nn.Module, features: dict[str, Tensor], boxes: list[Tensor], image_sizes) -> Tensor:
-    """The base box head's L2-normalised features at ``boxes`` (one list entry per image)."""
-    if sum(len(b) for b in boxes) == 0:
-        return features[next(iter(features))].new_zeros(0, heads.box_predictor.cls_score.in_features)
-    pooled = heads.box_roi_pool(features, boxes, image_sizes)
-    return F.normalize(heads.box_head(pooled).flatten(start_dim=1), dim=1)
+class BranchState(NamedTuple):
+    """What the merge reads of a branch: its first label and what ``calibrate`` learned. A plain
+    tuple of tensors, so that TorchScript compiles the merge (``detgraft export``)."""
+
+    first_label: int
+    prototypes: Tensor
+    alpha: Tensor
+    new_memory: Tensor
+    old_memory: Tensor
+    false_alarm_score: Tensor
+
+
+def branch_state(branch) -> BranchState:
+    """``branch``'s ``BranchState`` (a branch module, or anything with the same attributes)."""
+    score = torch.as_tensor(branch.false_alarm_score)
+    return BranchState(branch.first_label, branch.prototypes, branch.alpha, branch.new_memory, branch.old_memory, score)
 
 
 def arbitrate(sources: list[tuple[Tensor, Tensor, Tensor]], branches, iou: float | None, features: Tensor | None):
     """Merges one image's detections of the base (``sources[0]``) and of each branch
-    (``sources[1:]``) into one list sorted by score (stable: the base's order is kept).
-    ``features``: the base's normalised features at every box, in the order of the concatenated
-    sources (None: plain soft merge)."""
+    (``sources[1:]``, ``branches`` their modules or ``BranchState``s) into one list sorted by score
+    (stable: the base's order is kept). ``features``: the base's normalised features at every box,
+    in the order of the concatenated sources (None: plain soft merge)."""
+    return merge(sources, [b if isinstance(b, BranchState) else branch_state(b) for b in branches], iou, features)
+
+
+def merge(
+    sources: list[tuple[Tensor, Tensor, Tensor]],
+    branches: list[BranchState],
+    iou: float | None,
+    features: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``arbitrate`` on the branches' states: the code that runs, in Python and in TorchScript."""
     boxes = torch.cat([s[0] for s in sources])
     scores = torch.cat([s[1] for s in sources])
     labels = torch.cat([s[2] for s in sources])
     source = torch.cat([torch.full_like(s[2], k) for k, s in enumerate(sources)])
-    if iou is not None and len(boxes):
+    if iou is not None and len(boxes) > 0:
         if features is None:
             lowers = _stronger(boxes, scores, source, iou)
         else:
             scores, lowers = _calibrated(boxes, scores, labels, source, branches, iou, features)
-        doubt = torch.log1p(-scores.clamp(max=1 - 1e-6))[None, :].expand_as(lowers)
-        scores = scores * torch.where(lowers, doubt, torch.zeros_like(doubt)).sum(1).exp()
+        scores = _lowered(scores, lowers)
     order = torch.sort(scores, descending=True, stable=True).indices
     return boxes[order], scores[order], labels[order]
+
+
+def _lowered(scores: Tensor, lowers: Tensor, share: float = LOWERED) -> Tensor:
+    """``scores`` with each detection that some other one lowers (``lowers[i, j]``: j lowers i)
+    times ``share``."""
+    return torch.where(lowers.any(1), scores * share, scores)
 
 
 def _overlap(boxes: Tensor, source: Tensor, iou: float) -> Tensor:
@@ -287,12 +329,20 @@ def _stronger(boxes: Tensor, scores: Tensor, source: Tensor, iou: float) -> Tens
     return _overlap(boxes, source, iou) & (scores[None, :] > scores[:, None])
 
 
-def _calibrated(boxes, scores, labels, source, branches, iou, features):
+def _calibrated(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    source: Tensor,
+    branches: list[BranchState],
+    iou: float,
+    features: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Prototype-calibrated scores and lowers[i, j] as the module doc says."""
     scores = scores.clone()
-    for k, branch in enumerate(branches, start=1):
-        mine = source == k
-        if mine.any():
+    for k, branch in enumerate(branches):
+        mine = source == k + 1
+        if bool(mine.any()):
             index = labels[mine] - branch.first_label
             similarity = (features[mine] * branch.prototypes[index]).sum(1).clamp(min=0)
             alpha = branch.alpha[index]
@@ -300,10 +350,10 @@ def _calibrated(boxes, scores, labels, source, branches, iou, features):
     overlap = _overlap(boxes, source, iou)
     older = source[:, None] < source[None, :]  # i is older than j
     newer_wins = torch.zeros_like(overlap)
-    for k, branch in enumerate(branches, start=1):
-        claims = overlap & older & (source == k)[None, :]  # [i, j]: j of branch k claims i's object
+    for k, branch in enumerate(branches):
+        claims = overlap & older & (source == k + 1)[None, :]  # [i, j]: j of branch k claims i's object
         contested = claims.any(1)
-        if not contested.any():
+        if not bool(contested.any()):
             continue
         f = features[contested]
         false_alarm = torch.zeros_like(contested)

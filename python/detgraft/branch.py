@@ -17,8 +17,6 @@ torchvision's loss dict (the newest branch's ``loss_classifier`` / ``loss_box_re
 mode returns torchvision's list of ``{boxes, labels, scores}``.
 """
 
-from __future__ import annotations
-
 import copy
 import logging
 
@@ -28,14 +26,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 
-from .arbitration import (
-    ARBITRATION_STATE,
-    add_arbitration_state,
-    arbitrate,
-    base_features,
-    memory_lengths,
-    resize_memories,
-)
+from .arbitration import ARBITRATION_STATE, BranchState, add_arbitration_state, memory_lengths, merge, resize_memories
 from .teacher import add_teacher_boxes
 
 __all__ = ["ARBITRATION_STATE", "Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
@@ -83,70 +74,113 @@ class Branch(nn.Module):
         logits, regression = self.box_predictor(self.box_head(pooled))
         if not self.others:
             return logits, regression
-        background = torch.logsumexp(logits[:, [0, -1]], dim=1, keepdim=True)
+        background = torch.logsumexp(torch.stack([logits[:, 0], logits[:, -1]], dim=1), dim=1, keepdim=True)
         return torch.cat([background, logits[:, 1:-1]], dim=1), regression[:, :-4]
 
 
 class BranchRoIHeads(RoIHeads):
-    """torchvision's ``RoIHeads`` (the base's, untouched) plus ``branches``; see the module doc."""
+    """torchvision's ``RoIHeads`` (the base's, untouched) plus ``branches`` (an ``nn.ModuleList``).
 
-    branches: nn.ModuleList
-    base_width: int  # the base predictor's outputs, background included
-    merge_iou: float | None
-    keep: float  # teacher scores of the branches' ``others`` output: a label from keep,
-    ignore: float  # left out of the loss from ignore
-    teacher_proposals: int  # the teacher reads the top proposals, as many as the base reads at inference
-    _warned = False
+    Also set by ``add_branch``: ``base_width`` (the base predictor's outputs, background included),
+    ``merge_iou`` (float or None), ``keep`` and ``ignore`` (teacher scores of the branches'
+    ``others`` output: a label from keep, left out of the loss from ignore) and
+    ``teacher_proposals`` (the teacher reads the top proposals, as many as the base reads at
+    inference). The inference path is TorchScript (``detgraft export``); training is Python only.
+    """
 
-    def forward(self, features, proposals, image_shapes, targets=None):
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:
-            if targets is None:
-                raise ValueError("training a branch needs targets")
-            branch = self.branches[-1]
-            targets = [_branch_targets(t, branch) for t in targets]
-            if self.has_mask():  # torchvision's checks want masks; boxes without one have none (detgraft.masks)
-                targets = [t if "masks" in t else {**t, "masks": t["boxes"].new_zeros(0, 1, 1)} for t in targets]
-            if branch.others:
-                with torch.no_grad():
-                    # the RPN sorts proposals by objectness: the top ones are those the base sees at inference
-                    top = [p[: self.teacher_proposals] for p in proposals]
-                    taught = self._teacher_detections(features, top, image_shapes, branch, self.ignore)
-                others = branch.num_classes
-                targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
-            proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
-            x = branch.box_head(self.box_roi_pool(features, proposals, image_shapes))
-            class_logits, box_regression = branch.box_predictor(x)
-            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
-            if branch.mask_predictor is not None:
-                losses["loss_mask"] = self._branch_mask_loss(
-                    features, proposals, matched, labels, targets, image_shapes
-                )
-            return [], losses
-
+            return self._training_forward(features, proposals, image_shapes, targets)
         pooled = self.box_roi_pool(features, proposals, image_shapes)
-        per_source = self._per_source(pooled, proposals, image_shapes, self.branches)
-        per_image = [[(s[0][i], s[1][i], s[2][i]) for s in per_source] for i in range(len(proposals))]
-        features_at = [None] * len(proposals)
-        if self.merge_iou is not None and all(bool(b.calibrated) for b in self.branches):
-            boxes = [torch.cat([s[0] for s in sources]) for sources in per_image]
-            features_at = base_features(self, features, boxes, image_shapes).split([len(b) for b in boxes])
-        elif self.merge_iou is not None and not self._warned:
-            log.warning("a branch was not calibrated: merging by score alone (call detgraft.calibrate after training)")
-            self._warned = True
-        result = []
-        for i, sources in enumerate(per_image):
-            boxes, scores, labels = arbitrate(sources, self.branches, self.merge_iou, features_at[i])
-            result.append(
-                {
-                    "boxes": boxes[: self.detections_per_img],
-                    "scores": scores[: self.detections_per_img],
-                    "labels": labels[: self.detections_per_img],
-                }
+        per_source = self._per_source(pooled, proposals, image_shapes, len(self.branches))
+        states: list[BranchState] = []
+        calibrated = True
+        for branch in self.branches:
+            states.append(
+                BranchState(
+                    branch.first_label,
+                    branch.prototypes,
+                    branch.alpha,
+                    branch.new_memory,
+                    branch.old_memory,
+                    branch.false_alarm_score,
+                )
             )
+            calibrated = calibrated and bool(branch.calibrated)
+        merge_iou = self.merge_iou
+        features_at: list[Tensor | None] = [None for _ in proposals]
+        if merge_iou is not None and calibrated:
+            merged = [torch.cat([s[0][i] for s in per_source]) for i in range(len(proposals))]
+            at = self.base_features(features, merged, image_shapes).split([len(m) for m in merged])
+            features_at = []
+            for f in at:
+                features_at.append(f)
+        elif merge_iou is not None and not torch.jit.is_scripting():
+            self._warn_uncalibrated()
+        result: list[dict[str, Tensor]] = []
+        for i in range(len(proposals)):
+            sources = [(s[0][i], s[1][i], s[2][i]) for s in per_source]
+            boxes, scores, labels = merge(sources, states, merge_iou, features_at[i])
+            n = self.detections_per_img
+            result.append({"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]})
         if self.has_mask():
             self._add_masks(features, result, image_shapes)
-        return result, {}
+        losses: dict[str, Tensor] = {}
+        return result, losses
+
+    def base_features(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """The base box head's L2-normalised features at ``boxes`` (one list entry per image): what
+        the arbitration judges a box by."""
+        if sum([len(b) for b in boxes]) == 0:
+            return list(features.values())[0].new_zeros(0, self.box_predictor.cls_score.in_features)
+        pooled = self.box_roi_pool(features, boxes, image_shapes)
+        return F.normalize(self.box_head(pooled).flatten(start_dim=1), dim=1)
+
+    @torch.jit.unused
+    def _warn_uncalibrated(self) -> None:
+        if not getattr(self, "_warned", False):
+            log.warning("a branch was not calibrated: merging by score alone (call detgraft.calibrate after training)")
+            self._warned = True
+
+    @torch.jit.unused
+    def _training_forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """The newest branch's losses (torchvision's ``loss_classifier`` / ``loss_box_reg``, and
+        ``loss_mask`` in a Mask R-CNN), its ``others`` output taught by the model before it."""
+        if targets is None:
+            raise ValueError("training a branch needs targets")
+        branch = self.branches[-1]
+        targets = [_branch_targets(t, branch) for t in targets]
+        if self.has_mask():  # torchvision's checks want masks; boxes without one have none (detgraft.masks)
+            targets = [t if "masks" in t else {**t, "masks": t["boxes"].new_zeros(0, 1, 1)} for t in targets]
+        if branch.others:
+            with torch.no_grad():
+                # the RPN sorts proposals by objectness: the top ones are those the base sees at inference
+                top = [p[: self.teacher_proposals] for p in proposals]
+                taught = self._teacher_detections(features, top, image_shapes, branch, self.ignore)
+            others = branch.num_classes
+            targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
+        proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
+        x = branch.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = branch.box_predictor(x)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        if branch.mask_predictor is not None:
+            losses["loss_mask"] = self._branch_mask_loss(features, proposals, matched, labels, targets, image_shapes)
+        return [], losses
 
     def _branch_mask_loss(self, features, proposals, matched, labels, targets, image_shapes) -> Tensor:
         """torchvision's mask loss of the newest branch's mask predictor on the base's mask head
@@ -174,7 +208,10 @@ class BranchRoIHeads(RoIHeads):
             [m for _, m in chosen],
         )
 
-    def _add_masks(self, features, result: list[dict[str, Tensor]], image_shapes) -> None:
+    @torch.jit.unused
+    def _add_masks(
+        self, features: dict[str, Tensor], result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> None:
         """A Mask R-CNN's masks for the merged detections, as torchvision infers them: the base's
         mask head, an old class's detection reading its channel of the base's mask predictor (the
         base's own computation on the old detections), a new class's reading its branch's."""
@@ -197,7 +234,9 @@ class BranchRoIHeads(RoIHeads):
         size = self.mask_roi_pool.output_size
         return (2 * size[0], 2 * size[1])
 
-    def _base_detections(self, pooled: Tensor, proposals, image_shapes):
+    def _base_detections(
+        self, pooled: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The base's detections, computed as the base computes them: its predictor's first
         ``base_width`` rows are a Linear of the base's own shape."""
         x = self.box_head(pooled).flatten(start_dim=1)
@@ -206,12 +245,17 @@ class BranchRoIHeads(RoIHeads):
         regression = F.linear(x, predictor.bbox_pred.weight[: 4 * width], predictor.bbox_pred.bias[: 4 * width])
         return self.postprocess_detections(logits, regression, proposals, image_shapes)
 
-    def _per_source(self, pooled: Tensor, proposals, image_shapes, branches) -> list:
-        """(boxes, scores, labels), each a list over images, of the base and of each of ``branches``."""
+    def _per_source(
+        self, pooled: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]], branches: int
+    ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """(boxes, scores, labels), each a list over images, of the base and of the first
+        ``branches`` branches."""
         sources = [self._base_detections(pooled, proposals, image_shapes)]
-        for branch in branches:
-            boxes, scores, labels = self.postprocess_detections(*branch(pooled), proposals, image_shapes)
-            sources.append((boxes, scores, [label + branch.first_label - 1 for label in labels]))
+        for k, branch in enumerate(self.branches):
+            if k < branches:
+                logits, regression = branch(pooled)
+                boxes, scores, labels = self.postprocess_detections(logits, regression, proposals, image_shapes)
+                sources.append((boxes, scores, [label + branch.first_label - 1 for label in labels]))
         return sources
 
     def _teacher_detections(
@@ -224,7 +268,7 @@ class BranchRoIHeads(RoIHeads):
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         usual, self.score_thresh = self.score_thresh, score
         try:
-            earlier = [b for b in self.branches if b is not branch]
+            earlier = list(self.branches).index(branch)
             sources = self._per_source(pooled, proposals, image_shapes, earlier)
         finally:
             self.score_thresh = usual

@@ -202,9 +202,12 @@ def _float_or_none(text: str) -> float | None:
 def _extend(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from . import distributed
     from .extend import ExtendSettings, extend
 
     settings = ExtendSettings(**{f.name: getattr(args, f.name) for f in fields(ExtendSettings)})
+    if not distributed.is_main():  # under torchrun rank 0 reports the data check (and all the rest)
+        logging.getLogger("detgraft").setLevel(logging.WARNING)
     train = read_checked(args.train, args.images, args.skip_bad, args.categories)
     val = read_checked([args.val], args.images, args.skip_bad) if args.val else None
     replay = read_checked([args.replay], args.images, args.skip_bad) if args.replay else None

@@ -1,13 +1,15 @@
 """``detgraft export``: a model for places where detgraft is not installed.
 
 TorchScript through ``torch.jit.script``, as torchvision scripts its detectors: the model stays
-torchvision's (``naive``, ``head``, ``pseudo`` and ``distill`` leave one widened predictor), so the
-scripted file runs with plain ``torch.jit.load`` and returns torchvision's ``(losses, detections)``
-tuple. Before writing, ``export`` runs the eager and the scripted model on the same images and
-reports the largest box and score difference.
+torchvision's (``naive``, ``head``, ``pseudo`` and ``distill`` leave one widened predictor; a
+Faster R-CNN ``branch`` model keeps its branches and the arbitration inside the scripted graph,
+since ``BranchRoIHeads``' inference path and ``detgraft.arbitration.merge`` are TorchScript), so
+the scripted file runs with plain ``torch.jit.load`` and returns torchvision's
+``(losses, detections)`` tuple. Before writing, ``export`` runs the eager and the scripted model on
+the same images and reports the largest box and score difference.
 
-Not yet: a ``branch`` model (its merge is Python that TorchScript does not compile: ``nn.ModuleList``
-annotations, per-source lists) and ONNX. A ``branch`` model is refused with what to do instead.
+Not yet: ``branch`` models of Mask R-CNN (the masks of merged detections) and of RetinaNet / FCOS,
+and ONNX. Those are refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
 
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not supported: choose one of {', '.join(FORMATS)}")
-    if branch_layout(model) or dense_branch_layout(model):
+    masks = branch_layout(model) and model.roi_heads.has_mask()
+    if masks or dense_branch_layout(model):
+        kind = "Mask R-CNN" if masks else type(model).__name__
         raise ValueError(
-            "a branch model cannot be exported yet: its merge of the base's and the branches' detections is Python "
-            "that TorchScript does not compile. Use it with detgraft installed (detgraft.load_model), or extend with "
-            "--strategy head, pseudo or distill for a single torchvision predictor that exports"
+            f"a {kind} branch model cannot be exported yet (only Faster R-CNN branch models are). Use it with "
+            "detgraft installed (detgraft.load_model), or extend with --strategy head, pseudo or distill for a "
+            "single torchvision predictor that exports"
         )
     model = _without_hooks(model).eval()
     scripted = torch.jit.script(model)
