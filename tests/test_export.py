@@ -29,9 +29,9 @@ def test_a_head_model_exports_to_torchscript_with_the_same_detections(tmp_path):
         torch.testing.assert_close(a["boxes"], b["boxes"])
 
 
-def test_a_branch_model_exports_with_its_branches_and_merge(tmp_path):
-    """The default strategy's model, calibrated and with a branch that claims objects, scripted:
-    plain torch.jit.load gives the detections of the merge, not the base's nor the unmerged ones."""
+def claiming_branch_model():
+    """A calibrated branch model whose branch sees chickens and frogs everywhere, and whose merge
+    takes every old detection a new one claims for a false alarm: the merge acts on every image."""
     from detgraft.arbitration import calibrate, set_arbitration
 
     model = build()
@@ -39,12 +39,18 @@ def test_a_branch_model_exports_with_its_branches_and_merge(tmp_path):
     model = incremental(model, "branch")
     branch = model.roi_heads.branches[0]
     with torch.no_grad():
-        branch.box_predictor.cls_score.bias[1:3] += 20.0  # the branch sees chickens and frogs everywhere
+        branch.box_predictor.cls_score.bias[1:3] += torch.tensor([17.0, 15.0])
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([label])} for label in (6, 7)]
     calibrate(model, zip(images(), targets))
-    # every old detection a new one claims is a false alarm: no old object memory, no score cap
+    # no old object memory, no score cap
     set_arbitration(branch, branch.prototypes, branch.alpha, branch.new_memory, branch.new_memory[:0], 1.0)
-    model.eval()
+    return model.eval()
+
+
+def test_a_branch_model_exports_with_its_branches_and_merge(tmp_path):
+    """The default strategy's model scripted: plain torch.jit.load gives the detections of the
+    merge, not the base's nor the unmerged ones."""
+    model = claiming_branch_model()
     check = export(model, tmp_path / "branch.pt", images=images())
     assert check["detections"] > 0 and check["max_score_difference"] < 1e-5
     _, exported = torch.jit.load(str(tmp_path / "branch.pt"))(images())
@@ -76,6 +82,46 @@ def test_the_export_command(tmp_path, capsys):
     assert main(["export", TINY_BUILDER, "--weights", str(weights), "--out", str(tmp_path / "m.pt")]) == 0
     assert (tmp_path / "m.pt").is_file() and "torch.jit.load" in capsys.readouterr().out
     model = ["export", TINY_BUILDER, "--weights", str(weights), "--out", str(tmp_path / "x.pt")]
-    assert main([*model, "--format", "onnx"]) == 2
+    assert main([*model, "--format", "tflite"]) == 2
     (tmp_path / "empty").mkdir()
     assert main([*model, "--images", str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.parametrize("strategy", ["head", "branch"])
+def test_onnx_export_gives_the_model_s_detections_at_other_image_sizes(tmp_path, strategy):
+    """Traced on one 64 x 64 image; onnxruntime then runs images of 64 x 64 and 128 x 128 (the
+    tiny model resizes to 64) and gives the eager model's detections (the merge's, for branch)."""
+    pytest.importorskip("onnxruntime")
+    if strategy == "branch":
+        model = claiming_branch_model()
+    else:
+        model = build()
+        detgraft.expand_predictor(model, ["chicken", "frog"])
+        model = incremental(model, "head").eval()
+    checked = images() + [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(3))]
+    check = export(model, tmp_path / "model.onnx", "onnx", images=checked)
+    assert check["detections"] >= 3 * 50  # labels and counts equal (else export raises)
+    assert check["max_box_difference"] < 1e-3 and check["max_score_difference"] < 1e-4
+    with torch.no_grad():
+        merged = model(checked[-1:])
+    assert (merged[0]["labels"] >= 6).any() == (strategy == "branch")
+
+
+def test_the_parity_check_pairs_swapped_near_ties_and_catches_real_differences():
+    from detgraft.export import ExportMismatch, _compare
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
+    model = {"boxes": boxes, "labels": torch.tensor([1, 2, 1]), "scores": torch.tensor([0.9, 0.5, 0.5])}
+    swapped = {k: v[[0, 2, 1]] for k, v in model.items()}  # two equal scores in the other order
+    swapped["scores"] = swapped["scores"] + torch.tensor([0.0, 1e-6, 0.0])
+    assert _compare([model], [swapped]) == {
+        "max_box_difference": 0.0,
+        "max_score_difference": pytest.approx(1e-6, rel=0.1),
+        "detections": 3,
+    }
+    moved = {**model, "boxes": boxes + torch.tensor([0.0, 0, 0, 2])}
+    assert _compare([model], [moved])["max_box_difference"] == 2.0
+    with pytest.raises(ExportMismatch, match="image 0"):
+        _compare([model], [{**model, "labels": torch.tensor([1, 2, 2])}])
+    with pytest.raises(ExportMismatch, match="detects 2 objects, the model 3"):
+        _compare([model], [{k: v[:2] for k, v in model.items()}])

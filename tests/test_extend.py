@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from dataclasses import fields
@@ -168,3 +169,22 @@ def test_the_default_learning_rate_follows_the_strategy():
     assert ExtendSettings(strategy="naive", lr=0.02).lr == 0.02
     argv = ["extend", "--base", "m", "--train", "t", "--images", "i", "--out", "o", "--lr", "auto"]
     assert _parser().parse_args(argv).lr is None
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_is_recorded(train, tmp_path, amp):
+    """--amp on the CPU (autocast runs there too; on CUDA auto picks bf16 or fp16): the step runs in
+    that precision (other losses than float32's), stays finite, and settings.json says which."""
+    if not torch.cuda.is_available():
+        assert ExtendSettings().amp == "off"  # auto: full precision on the CPU
+    full = extend(base_model(), train, settings(), out=tmp_path / "full")
+    mixed = extend(base_model(), train, settings(amp=amp), out=tmp_path / "mixed")
+    curves = [
+        json.loads((tmp_path / run / "extend.json").read_text())["loss_curve"]["loss"] for run in ("full", "mixed")
+    ]
+    assert all(map(math.isfinite, curves[1])) and curves[0] != curves[1]
+    assert json.loads((tmp_path / "mixed" / "settings.json").read_text())["settings"]["amp"] == amp
+    assert not torch.equal(full.state_dict()["roi_heads.box_predictor.cls_score.weight"],
+                           mixed.state_dict()["roi_heads.box_predictor.cls_score.weight"])  # fmt: skip
+    with pytest.raises(ValueError, match="amp 'fp8' is unknown"):
+        ExtendSettings(amp="fp8")

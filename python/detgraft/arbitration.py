@@ -256,7 +256,7 @@ def _share_nearer(own: Tensor, other: Tensor) -> float | None:
 def _nearest(features: Tensor, memory: Tensor) -> Tensor:
     """Each row's cosine to its nearest ``memory`` row (-2 when the memory is empty)."""
     if len(memory) == 0:
-        return features.new_full((len(features),), -2.0)
+        return torch.full_like(features[:, 0], -2.0)
     return (features @ memory.T).amax(1)
 
 
@@ -303,14 +303,22 @@ def merge(
     scores = torch.cat([s[1] for s in sources])
     labels = torch.cat([s[2] for s in sources])
     source = torch.cat([torch.full_like(s[2], k) for k, s in enumerate(sources)])
-    if iou is not None and len(boxes) > 0:
+    if iou is not None:
         if features is None:
             lowers = _stronger(boxes, scores, source, iou)
         else:
             scores, lowers = _calibrated(boxes, scores, labels, source, branches, iou, features)
         scores = _lowered(scores, lowers)
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order = _by_score(scores)
     return boxes[order], scores[order], labels[order]
+
+
+def _by_score(scores: Tensor) -> Tensor:
+    """The order of ``scores``, highest first; equal scores keep their order."""
+    if not torch.jit.is_scripting():
+        if torch.onnx.is_in_onnx_export():
+            return torch.topk(scores, scores.shape[0]).indices  # ONNX's TopK breaks ties by index
+    return torch.sort(scores, descending=True, stable=True).indices
 
 
 def _lowered(scores: Tensor, lowers: Tensor, share: float = LOWERED) -> Tensor:
@@ -339,28 +347,26 @@ def _calibrated(
     features: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Prototype-calibrated scores and lowers[i, j] as the module doc says."""
+    # no Python branching on the data: the same code traces for ONNX (``detgraft export``)
     scores = scores.clone()
     for k, branch in enumerate(branches):
-        mine = source == k + 1
-        if bool(mine.any()):
-            index = labels[mine] - branch.first_label
-            similarity = (features[mine] * branch.prototypes[index]).sum(1).clamp(min=0)
-            alpha = branch.alpha[index]
-            scores[mine] = alpha * scores[mine] + (1 - alpha) * similarity
+        mine = torch.nonzero(source == k + 1).flatten()
+        index = labels[mine] - branch.first_label
+        similarity = (features[mine] * branch.prototypes[index]).sum(1).clamp(min=0)
+        alpha = branch.alpha[index]
+        scores = scores.index_put((mine,), alpha * scores[mine] + (1 - alpha) * similarity)
     overlap = _overlap(boxes, source, iou)
     older = source[:, None] < source[None, :]  # i is older than j
     newer_wins = torch.zeros_like(overlap)
     for k, branch in enumerate(branches):
         claims = overlap & older & (source == k + 1)[None, :]  # [i, j]: j of branch k claims i's object
-        contested = claims.any(1)
-        if not bool(contested.any()):
-            continue
+        contested = torch.nonzero(claims.any(1)).flatten()
         f = features[contested]
-        false_alarm = torch.zeros_like(contested)
-        false_alarm[contested] = (_nearest(f, branch.new_memory) > _nearest(f, branch.old_memory)) & (
+        looks_new = (_nearest(f, branch.new_memory) > _nearest(f, branch.old_memory)) & (
             scores[contested] <= branch.false_alarm_score
         )
-        newer_wins |= claims & false_alarm[:, None]
+        false_alarm = torch.zeros_like(claims[:, 0]).index_put((contested,), looks_new)
+        newer_wins = newer_wins | (claims & false_alarm[:, None])
     stronger = scores[None, :] > scores[:, None]
     older_wins = overlap & ~older & stronger & ~newer_wins.T
     return scores, newer_wins | older_wins

@@ -117,7 +117,7 @@ class BranchRoIHeads(RoIHeads):
         features_at: list[Tensor | None] = [None for _ in proposals]
         if merge_iou is not None and calibrated:
             merged = [torch.cat([s[0][i] for s in per_source]) for i in range(len(proposals))]
-            at = self.base_features(features, merged, image_shapes).split([len(m) for m in merged])
+            at = self.base_features(features, merged, image_shapes).split([m.shape[0] for m in merged])
             features_at = []
             for f in at:
                 features_at.append(f)
@@ -128,7 +128,7 @@ class BranchRoIHeads(RoIHeads):
             sources = [(s[0][i], s[1][i], s[2][i]) for s in per_source]
             boxes, scores, labels = merge(sources, states, merge_iou, features_at[i])
             n = self.detections_per_img
-            result.append({"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]})
+            result.append({"boxes": boxes[:n], "labels": labels[:n], "scores": scores[:n]})  # torchvision's order
         if self.has_mask():
             self._add_masks(features, result, image_shapes)
         losses: dict[str, Tensor] = {}
@@ -139,8 +139,6 @@ class BranchRoIHeads(RoIHeads):
     ) -> Tensor:
         """The base box head's L2-normalised features at ``boxes`` (one list entry per image): what
         the arbitration judges a box by."""
-        if sum([len(b) for b in boxes]) == 0:
-            return list(features.values())[0].new_zeros(0, self.box_predictor.cls_score.in_features)
         pooled = self.box_roi_pool(features, boxes, image_shapes)
         return F.normalize(self.box_head(pooled).flatten(start_dim=1), dim=1)
 

@@ -131,9 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", help="also write the reports to this JSON file")
     check.set_defaults(run=_data_check)
 
-    export = sub.add_parser("export", parents=[model], help="a file that runs without detgraft (TorchScript)")
-    export.add_argument("--out", required=True, help="the file to write (model.pt)")
-    export.add_argument("--format", default="torchscript", help="torchscript (branch models: not yet)")
+    export = sub.add_parser("export", parents=[model], help="a file that runs without detgraft (TorchScript, ONNX)")
+    export.add_argument("--out", required=True, help="the file to write (model.pt, model.onnx)")
+    export.add_argument(
+        "--format",
+        default="torchscript",
+        help="torchscript (torch.jit.load) or onnx (onnxruntime; needs pip install onnx onnxruntime)",
+    )
     export.add_argument("--images", help="compare the export with the model on up to 4 images of this folder")
     export.set_defaults(run=_export)
 
@@ -165,7 +169,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import ExportMismatch, export
     from .image_files import load_image
 
     model = _load(args)
@@ -175,9 +179,14 @@ def _export(args: argparse.Namespace) -> int:
         images = [load_image(str(p)).float().div(255).to(device) for p in find_images(args.images)[:4]]
         if not images:
             raise FileNotFoundError(f"--images {args.images!r} holds no image (.jpg, .png, ...; not searched below)")
-    check = export(model, args.out, args.format, images)
+    try:
+        check = export(model, args.out, args.format, images)
+    except ExportMismatch as err:
+        log.error("%s is written, but it does not give the model's detections: %s", args.out, err)
+        return 1
+    how = "onnxruntime.InferenceSession" if args.format == "onnx" else "torch.jit.load"
     Console().print(
-        f"{args.out}: load it with torch.jit.load. On {check['detections']} detections the largest difference from "
+        f"{args.out}: load it with {how}. On {check['detections']} detections the largest difference from "
         f"the model is {check['max_box_difference']:.2g} px in a box and {check['max_score_difference']:.2g} in a "
         "score" + ("" if check["detections"] else " (nothing detected to compare: give --images)")
     )

@@ -48,6 +48,7 @@ AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 500
 # diverges at the heads' 0.05 (naive: a NaN loss at step 31 with 10 images per class)
 AUTO_LR = {"branch": 0.05, "head": 0.05, "naive": 0.01, "pseudo": 0.01, "distill": 0.01}
 EXISTING = ("error", "train", "ignore")
+AMP = ("auto", "bf16", "fp16", "off")
 
 
 def _flag(help: str, **kw: Any) -> Any:
@@ -94,10 +95,20 @@ class ExtendSettings:
     seed: int = _flag("seed of batches, flips and samplers", default=0)
     checkpoint_every: int = _flag("write OUT/last every this many steps", default=100)
     device: str = _flag("auto (cuda when there is one), cpu, cuda or cuda:N", default="auto")
+    amp: str = _flag(
+        "mixed precision of the training step: auto (on CUDA bf16 where the GPU supports it, else fp16 with a "
+        "gradient scaler; off on the CPU), bf16, fp16 or off",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.device == "auto":  # resolved here, so settings.json records the device it ran on
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.amp not in AMP:
+            raise ValueError(f"amp {self.amp!r} is unknown: choose one of {', '.join(AMP)}")
+        if self.amp == "auto":  # resolved here too: settings.json records the precision it trained in
+            cuda = torch.device(self.device).type == "cuda"
+            self.amp = "off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
         if self.lr is None:  # resolved here, so settings.json records the rate it ran with
@@ -252,11 +263,12 @@ def _extend(model, train, settings, out, val, replay, resume):
     incremental(model, settings.strategy, keep=settings.keep, ignore=settings.ignore, merge_iou=settings.merge_iou)
     optimizer, scheduler = optimizer_and_schedule(model, settings)
     step = 0
+    scaler = _scaler(settings)
     if resume:
-        step = _load_last(out, model, optimizer, scheduler)
+        step = _load_last(out, model, optimizer, scheduler, scaler)
         log.info("resuming at step %d of %d", step, settings.steps)
 
-    losses, curve = _train(model, data, settings, optimizer, scheduler, step, out)
+    losses, curve = _train(model, data, settings, optimizer, scheduler, step, out, scaler)
     model.eval()
     if rank > 0:  # rank 0 calibrates, saves and evaluates
         return model
@@ -336,10 +348,19 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _train(model, data, settings, optimizer, scheduler, step, out) -> tuple[dict[str, float], list[float]]:
-    """Trains from ``step`` to ``settings.steps``; returns the last step's losses and every step's
-    total loss (the mean over the processes under torchrun)."""
+def _scaler(settings: ExtendSettings) -> torch.amp.GradScaler:
+    """fp16's gradient scaler (a no-op for the other precisions)."""
+    return torch.amp.GradScaler(torch.device(settings.device).type, enabled=settings.amp == "fp16")
+
+
+def _train(model, data, settings, optimizer, scheduler, step, out, scaler=None) -> tuple[dict[str, float], list[float]]:
+    """Trains from ``step`` to ``settings.steps`` (forward and loss in ``settings.amp`` precision,
+    the loss scaled by ``scaler`` for fp16); returns the last step's losses and every step's total
+    loss (the mean over the processes under torchrun)."""
     model.train()
+    scaler = scaler or _scaler(settings)
+    device_type = torch.device(settings.device).type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
     rank, processes = distributed.world()
     trained = distributed.wrap(model)
     parts: dict[str, float] = {}
@@ -360,8 +381,9 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> tuple[dict
             images, targets = next(batches)
             images = [im.to(settings.device) for im in images]
             targets = [{k: v.to(settings.device) for k, v in t.items()} for t in targets]
-            loss_dict = trained(images, targets)
-            loss = sum(loss_dict.values())
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                loss_dict = trained(images, targets)
+            loss = sum(v.float() for v in loss_dict.values())
             reported = distributed.mean(torch.stack([v.detach() for v in loss_dict.values()]))
             parts = dict(zip(loss_dict, reported.tolist()))
             value = float(reported.sum())
@@ -372,8 +394,9 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> tuple[dict
                     f"checkpoint is {out / LAST}; lower --lr (now {settings.lr}) and start again, or --resume"
                 )
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             now = time.perf_counter()
@@ -383,7 +406,7 @@ def _train(model, data, settings, optimizer, scheduler, step, out) -> tuple[dict
                 log.info("step %d/%d %s", step, settings.steps, _fmt(parts))
             stopping = distributed.any_process(stop.requested, settings.device)
             if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.steps or stopping):
-                _save_last(out, model, optimizer, scheduler, step)
+                _save_last(out, model, optimizer, scheduler, step, scaler)
             if stopping and step < settings.steps:
                 raise KeyboardInterrupt(f"stopped at step {step}; continue with --resume (checkpoint {out / LAST})")
     return parts, curve
@@ -393,7 +416,7 @@ def _fmt(parts: dict[str, float]) -> str:
     return " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in parts.items())
 
 
-def _save_last(out: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
+def _save_last(out: Path, model: nn.Module, optimizer, scheduler, step: int, scaler) -> None:
     """Writes ``out/last`` (checkpoint + optimizer, scheduler, RNG and step) as a whole: into a
     temporary folder first, then swapped in by renames."""
     was_training = model.training
@@ -404,6 +427,7 @@ def _save_last(out: Path, model: nn.Module, optimizer, scheduler, step: int) -> 
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),  # empty unless fp16
         "rng": torch.get_rng_state(),
     }
     torch.save(state, tmp / STATE)
@@ -433,7 +457,7 @@ def _check_resume(out: Path, saved: dict) -> None:
         )
 
 
-def _load_last(out: Path, model: nn.Module, optimizer, scheduler) -> int:
+def _load_last(out: Path, model: nn.Module, optimizer, scheduler, scaler) -> int:
     folder = out / LAST if (out / LAST).exists() else out / f".{LAST}.old"
     if not (folder / STATE).is_file():
         raise FileNotFoundError(f"nothing to resume: {str(out / LAST)!r} holds no checkpoint")
@@ -446,6 +470,8 @@ def _load_last(out: Path, model: nn.Module, optimizer, scheduler) -> int:
     state = torch.load(folder / STATE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 

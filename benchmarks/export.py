@@ -1,0 +1,83 @@
+"""``detgraft export`` on EmojiCOCO models: TorchScript and ONNX against the eager model.
+
+    python benchmarks/export.py --data $DATA --runs $RUNS    (after benchmarks/sizes.py --others head)
+
+Exports the default strategy's model (``branch``, 10 images per class, draw 0: calibrated, its
+merge acting) and the ``head`` model of the same images to TorchScript and to ONNX with
+``detgraft.export.export``, which runs the written file (``torch.jit.load``; onnxruntime) and the
+eager model on the same images and reports the largest box and score difference. Images: the first
+4 test images (256 x 256) and the first one resized to 300 x 500 (another size and aspect than the
+ONNX trace's). Writes the ``export`` section of RESULTS.md and ``export`` in results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _results import write_section  # noqa: E402
+
+import detgraft  # noqa: E402
+from detgraft.export import export  # noqa: E402
+from detgraft.image_files import load_image  # noqa: E402
+from detgraft.predict import find_images  # noqa: E402
+
+HERE = Path(__file__).parent
+MODELS = {"branch (the default)": "k10-draw0", "head": "head-k10-draw0"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
+    parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/detgraft-export"))
+    args = parser.parse_args()
+    files = find_images(args.data / "images" / "test")[:4]
+    images = [load_image(str(f)).float() / 255 for f in files]
+    images.append(F.interpolate(images[0][None], size=(300, 500), mode="bilinear")[0])
+    rows = []
+    for name, folder in MODELS.items():
+        model = detgraft.load_model(args.runs / folder)
+        for format, suffix in (("torchscript", "pt"), ("onnx", "onnx")):
+            out = args.out / f"{folder}.{suffix}"
+            check = export(model, out, format, images=images)
+            rows.append(
+                {"model": name, "folder": folder, "format": format, "file_mb": round(out.stat().st_size / 2**20, 1)}
+                | check
+            )
+            print(rows[-1], flush=True)
+    results = json.loads((HERE / "results.json").read_text())
+    results["export"] = rows
+    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    write_section("export", table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "## Export to TorchScript and ONNX (EmojiCOCO)",
+        "",
+        "Command: `python benchmarks/export.py --data $DATA --runs $RUNS` (the models of `benchmarks/sizes.py "
+        "--others head`, 10 images per class, draw 0): each model written by `detgraft.export.export`, the file run "
+        "(`torch.jit.load`; onnxruntime on the CPU) and the eager model on the first 4 test images (256 x 256) and "
+        "the first one resized to 300 x 500; the same labels and counts in the same order, and the largest "
+        "differences. CLI: `python -m detgraft export $RUNS/k10-draw0 --format onnx --out model.onnx --images "
+        "$DATA/images/test`.",
+        "",
+        "| model | format | detections compared | largest box difference (px) | largest score difference | file MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['detections']} | {r['max_box_difference']:.2g} | "
+            f"{r['max_score_difference']:.2g} | {r['file_mb']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
