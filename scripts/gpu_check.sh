@@ -1,19 +1,50 @@
 #!/usr/bin/env bash
-# On a CUDA machine (a few minutes): build detgraft against the installed torch 2.13, run the
-# widening and ops tests on CUDA tensors (nothing moved to the CPU), and time the ops against
-# torchvision's CUDA kernels (written to benchmarks/RESULTS.md). Prints the card and results.
+# On a CUDA machine, a few minutes: the CUDA tests (widening and ops on CUDA tensors, nothing moved
+# to the CPU), the Rust ops against torchvision's CUDA kernels (benchmarks/ops.py) and the speed of
+# fasterrcnn_resnet50_fpn at 800 px (benchmarks/gpu_speed.py: training images/s with and without
+# AMP, latency of the extended model over the base). Both benchmarks write benchmarks/RESULTS.md and
+# results.json; the script copies them, and its log, to $OUT when that is set.
 #   bash scripts/gpu_check.sh
+#
+# What it needs, and what it does on each machine:
+# - torch 2.13 (tch 0.26's libtorch) with cargo and a C++ compiler: builds detgraft from source;
+# - torch 2.11 (the lent H200 machines: Python 3.12, no Rust, nothing to install from): a wheel made
+#   beforehand, where cargo and PyPI are, by scripts/wheel_for_torch211.sh (tch 0.24 is tch's
+#   release for libtorch 2.11 and the Rust core compiles against it), carried as .whl/ and
+#   installed into /tmp/site with --no-deps;
+# - anything else: it stops and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+series=$(python3 -c 'import torch; print(torch.__version__.split("+")[0].rsplit(".", 1)[0])')
 python3 - <<'PY'
 import sys, torch
 if not torch.cuda.is_available():
     sys.exit("gpu_check: no CUDA device visible to torch")
-if not torch.__version__.startswith("2.13"):
-    sys.exit(f"gpu_check: torch {torch.__version__} is installed; detgraft's tch 0.26 needs torch 2.13")
-print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)
+print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| bf16:", torch.cuda.is_bf16_supported())
 PY
-python3 -m pip install -q --no-build-isolation .
-python3 -m pytest -q -m cuda tests -rA -p no:cacheprovider
-# the kernels issue: parity on CUDA (above, -m cuda) and timings against torchvision's CUDA kernels
-python3 benchmarks/ops.py --device cuda
+if [ "$series" = "2.13" ] && command -v cargo >/dev/null; then
+    python3 -m pip install -q --no-build-isolation .
+elif ls .whl/detgraft-*.whl >/dev/null 2>&1; then
+    wheel=$(ls .whl/detgraft-*.whl | head -1)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel"
+    export PYTHONPATH=/tmp/site
+    # the wheel says which torch it was built for: a mismatch is an ImportError naming both
+    python3 -c 'import detgraft; print("detgraft from", detgraft.__file__)'
+else
+    echo "gpu_check: torch $series is installed. detgraft's Rust core links libtorch: with torch 2.13 it needs"
+    echo "cargo and a C++ compiler here; with torch 2.11, a wheel from scripts/wheel_for_torch211.sh in .whl/"
+    echo "(carry .whl); other versions are not supported."
+    exit 2
+fi
+log=$(mktemp)
+{
+    # tests import the installed detgraft, not python/ of this checkout
+    python3 -m pytest -q -m cuda tests -rA -p no:cacheprovider
+    python3 benchmarks/ops.py --device cuda
+    python3 benchmarks/gpu_speed.py --device cuda
+} 2>&1 | tee "$log"
+if [ -n "${OUT:-}" ]; then
+    cp "$log" "$OUT/gpu_check.log"
+    cp benchmarks/RESULTS.md benchmarks/results.json "$OUT/"
+fi

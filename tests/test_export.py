@@ -125,3 +125,21 @@ def test_the_parity_check_pairs_swapped_near_ties_and_catches_real_differences()
         _compare([model], [{**model, "labels": torch.tensor([1, 2, 2])}])
     with pytest.raises(ExportMismatch, match="detects 2 objects, the model 3"):
         _compare([model], [{k: v[:2] for k, v in model.items()}])
+
+
+def test_torchvision_format_is_a_state_dict_a_plain_model_loads_and_branch_is_refused(tmp_path):
+    file, function = TINY_BUILDER.rsplit(":", 1)
+    model = build()
+    detgraft.get_card(model).builder = {"kind": "python", "file": file, "function": function, "kwargs": {}}
+    detgraft.expand_predictor(model, ["chicken", "frog"])
+    model = incremental(model, "head").eval()
+    check = export(model, tmp_path / "model.safetensors", "torchvision", images=images())
+    assert check["detections"] > 0 and check["max_score_difference"] < 1e-5
+    plain = build(num_classes=8)  # the user's own builder with num_classes = 6 + 2, no detgraft
+    plain.load_state_dict(safetensors.torch.load_file(str(tmp_path / "model.safetensors")))
+    with torch.no_grad():
+        for a, b in zip(model.eval()(images()), plain.eval()(images())):
+            assert torch.equal(a["labels"], b["labels"])
+            torch.testing.assert_close(a["scores"], b["scores"])
+    with pytest.raises(ValueError, match="not one torchvision predictor.*arbitration"):
+        export(claiming_branch_model(), tmp_path / "branch.safetensors", "torchvision")

@@ -14,6 +14,10 @@ TorchScript-based exporter, as torchvision's own ONNX tests export its detectors
 checked with onnxruntime against the model. The merge has no Python branching on the data, so the
 trace is the merge for every image.
 
+``format="torchvision"``: the state dict alone (safetensors) for ``torchvision.models.get_model(name,
+num_classes=N)`` (the builder and N are in the checkpoint's ``detgraft.json``), for the strategies
+that leave one torchvision predictor; a ``branch`` model is refused with what would change.
+
 Not yet: ``branch`` models of Mask R-CNN (the masks of merged detections) and of RetinaNet / FCOS.
 Those are refused with what to do instead.
 """
@@ -31,7 +35,7 @@ __all__ = ["FORMATS", "ExportMismatch", "export"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "torchvision")
 ONNX_OPSET = 17
 
 
@@ -44,6 +48,8 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
 
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not supported: choose one of {', '.join(FORMATS)}")
+    if format == "torchvision" and (branch_layout(model) or dense_branch_layout(model)):
+        raise ValueError(BRANCH_IS_NOT_ONE_PREDICTOR)
     masks = branch_layout(model) and model.roi_heads.has_mask()
     if masks or dense_branch_layout(model):
         kind = "Mask R-CNN" if masks else type(model).__name__
@@ -61,6 +67,8 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
         eager = [model([image])[0] for image in images]
     if format == "onnx":
         exported = _onnx(model, out, images)
+    elif format == "torchvision":
+        exported = _torchvision(model, out, images)
     else:
         torch.jit.script(model).save(str(out))
         scripted = torch.jit.load(str(out))
@@ -69,6 +77,35 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
     check = _compare(eager, exported)
     log.info("exported to %s; eager vs exported on %d images: %s", out, len(images), check)
     return check
+
+
+BRANCH_IS_NOT_ONE_PREDICTOR = (
+    "a branch model is not one torchvision predictor: it is the frozen base plus a box head and predictor per "
+    "extension, whose detections the arbitration merges. Folding it into one FasterRCNN would change what it "
+    "detects: the new classes would need the base's box head (retraining it, which moves the old classes' "
+    "scores), and old-class false alarms on new objects would come back (no arbitration). Export it with "
+    "--format torchscript or onnx (the same detections), or extend with --strategy head, pseudo or distill"
+)
+
+
+def _torchvision(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]:
+    """Writes ``model``'s state dict (safetensors) for its own builder with ``num_classes`` outputs
+    (a torchvision builder: ``torchvision.models.get_model(name, num_classes=N)``), loads it into a
+    fresh model of that builder (strictly) and returns that model's detections on ``images``."""
+    import safetensors.torch
+
+    from .card import get_card
+    from .loading import build_architecture
+
+    card = get_card(model)
+    if card.builder is None:
+        raise ValueError("--format torchvision needs the model's builder: load the model with detgraft.load_model")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    rebuilt = build_architecture(card.builder, card.num_classes)
+    rebuilt.load_state_dict(safetensors.torch.load_file(str(out)))
+    rebuilt.to(next(model.parameters()).device).eval()
+    with torch.no_grad():
+        return [rebuilt([image])[0] for image in images]
 
 
 def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]:
