@@ -67,13 +67,26 @@ def test_a_branch_model_exports_with_its_branches_and_merge(tmp_path):
     assert any(lowered)  # the merge acted, and the scripted graph did the same
 
 
-def test_a_mask_rcnn_branch_model_is_refused_with_what_to_do():
+def test_a_mask_rcnn_branch_model_exports_with_its_masks(tmp_path):
+    """A Mask R-CNN whose branch detects: TorchScript gives the merged detections and the masks
+    (old ones from the base's mask predictor, new ones from the branch's); ONNX is refused."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=6)
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=6, min_size=96, max_size=96)
     detgraft.expand_predictor(model, ["chicken"])
-    with pytest.raises(ValueError, match="Mask R-CNN branch model cannot be exported yet.*--strategy head"):
-        export(incremental(model, "branch"), "unused.pt")
+    model = incremental(model, "branch").eval()
+    with torch.no_grad():
+        model.roi_heads.branches[0].box_predictor.cls_score.bias[1] += 22.0  # it sees chickens
+    g = torch.Generator().manual_seed(1)
+    checked = [torch.rand(3, 96, 96, generator=g), torch.rand(3, 80, 120, generator=g)]
+    with torch.no_grad():
+        assert all((d["labels"] >= 6).any() and (d["labels"] < 6).any() for d in model(checked))
+    check = export(model, tmp_path / "mask.pt", images=checked)
+    assert check["detections"] > 0 and check["max_box_difference"] < 1e-3
+    assert check["max_score_difference"] < 1e-5 and check["max_mask_difference"] < 1e-5
+    with pytest.raises(ValueError, match="Mask R-CNN branch model cannot be exported to ONNX yet"):
+        export(model, tmp_path / "mask.onnx", "onnx", images=checked)
 
 
 def test_the_export_command(tmp_path, capsys):

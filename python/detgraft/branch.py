@@ -57,6 +57,7 @@ class Branch(nn.Module):
         self.first_label = first_label
         self.others = others
         self.mask_predictor = mask_predictor  # Mask R-CNN: background + the branch's classes, on the base's mask head
+        self.num_new = self.num_classes - 1  # the branch's labels: first_label .. first_label + num_new - 1
         # the arbitration's state (detgraft.arbitration.calibrate): saved with the weights
         add_arbitration_state(self, self.num_classes - 1, box_predictor.cls_score.weight)
 
@@ -206,31 +207,36 @@ class BranchRoIHeads(RoIHeads):
             [m for _, m in chosen],
         )
 
-    @torch.jit.unused
     def _add_masks(
         self, features: dict[str, Tensor], result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]]
     ) -> None:
         """A Mask R-CNN's masks for the merged detections, as torchvision infers them: the base's
         mask head, an old class's detection reading its channel of the base's mask predictor (the
-        base's own computation on the old detections), a new class's reading its branch's."""
-        heads = [(self.mask_predictor, 0, lambda labels: labels < self.base_width)]
-        heads += [(b.mask_predictor, b.first_label - 1, b.owns) for b in self.branches]
-        for r in result:
-            r["masks"] = r["boxes"].new_zeros(len(r["boxes"]), 1, *self._mask_size())
-        for predictor, shift, picks in heads:
-            chosen = [picks(r["labels"]) for r in result]
-            boxes = [r["boxes"][c] for r, c in zip(result, chosen)]
-            if sum(len(b) for b in boxes) == 0:
-                continue
-            x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
-            probs = maskrcnn_inference(predictor(x), [r["labels"][c] - shift for r, c in zip(result, chosen)])
-            for r, c, masks in zip(result, chosen, probs):
-                r["masks"][c] = masks
-
-    def _mask_size(self) -> tuple[int, int]:
-        """The masks torchvision's mask predictor writes: twice its RoI pool's size."""
+        base's own computation on the old detections), a new class's reading its branch's.
+        (TorchScript: the ``is not None`` tests tell it which modules a Mask R-CNN has.)"""
+        if self.mask_roi_pool is None or self.mask_head is None or self.mask_predictor is None:
+            return
         size = self.mask_roi_pool.output_size
-        return (2 * size[0], 2 * size[1])
+        for r in result:
+            r["masks"] = r["boxes"].new_zeros(r["boxes"].shape[0], 1, 2 * size[0], 2 * size[1])
+        chosen = [r["labels"] < self.base_width for r in result]
+        x = self.mask_head(self.mask_roi_pool(features, [r["boxes"][c] for r, c in zip(result, chosen)], image_shapes))
+        self._paint(result, chosen, self.mask_predictor(x), 0)
+        for branch in self.branches:
+            predictor = branch.mask_predictor
+            if predictor is not None:
+                first, last = branch.first_label, branch.first_label + branch.num_new
+                chosen = [(r["labels"] >= first) & (r["labels"] < last) for r in result]
+                boxes = [r["boxes"][c] for r, c in zip(result, chosen)]
+                x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+                self._paint(result, chosen, predictor(x), first - 1)
+
+    def _paint(self, result: list[dict[str, Tensor]], chosen: list[Tensor], logits: Tensor, shift: int) -> None:
+        """Each result's ``chosen`` detections get torchvision's masks of ``logits`` (their labels
+        minus ``shift`` index its channels)."""
+        probs = maskrcnn_inference(logits, [r["labels"][c] - shift for r, c in zip(result, chosen)])
+        for r, c, masks in zip(result, chosen, probs):
+            r["masks"][c] = masks
 
     def _base_detections(
         self, pooled: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
