@@ -141,6 +141,8 @@ def test_the_parity_check_pairs_swapped_near_ties_and_catches_real_differences()
 
 
 def test_torchvision_format_is_a_state_dict_a_plain_model_loads_and_branch_is_refused(tmp_path):
+    from detgraft.export import _compare
+
     file, function = TINY_BUILDER.rsplit(":", 1)
     model = build()
     detgraft.get_card(model).builder = {"kind": "python", "file": file, "function": function, "kwargs": {}}
@@ -150,9 +152,8 @@ def test_torchvision_format_is_a_state_dict_a_plain_model_loads_and_branch_is_re
     assert check["detections"] > 0 and check["max_score_difference"] < 1e-5
     plain = build(num_classes=8)  # the user's own builder with num_classes = 6 + 2, no detgraft
     plain.load_state_dict(safetensors.torch.load_file(str(tmp_path / "model.safetensors")))
-    with torch.no_grad():
-        for a, b in zip(model.eval()(images()), plain.eval()(images())):
-            assert torch.equal(a["labels"], b["labels"])
-            torch.testing.assert_close(a["scores"], b["scores"])
+    with torch.no_grad():  # FrozenBatchNorm2d there, BatchNorm2d here: float rounding may swap near ties
+        same = _compare(model.eval()(images()), plain.eval()(images()))
+    assert same["max_box_difference"] < 1e-3 and same["max_score_difference"] < 1e-5
     with pytest.raises(ValueError, match="not one torchvision predictor.*arbitration"):
         export(claiming_branch_model(), tmp_path / "branch.safetensors", "torchvision")
