@@ -120,8 +120,7 @@ def main() -> None:
     settings = ExtendSettings(steps=args.steps + 2, batch_size=4, device=args.device, checkpoint_every=10**6)
     rates = {}
     for amp in ("off", "auto"):
-        chosen = replace(settings, amp=amp)
-        chosen.__post_init__()  # resolves auto for this device (on the CPU: off, already measured)
+        chosen = replace(settings, amp=amp)  # __post_init__ resolves auto for this device (the CPU: off)
         if chosen.amp in rates:
             continue
         rates[chosen.amp] = round(training_rate(train, chosen, folder / f"run-{amp}"), 2)

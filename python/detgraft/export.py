@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .families import family
+
 __all__ = ["FORMATS", "ExportMismatch", "export"]
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
         raise ValueError(f"format {format!r} is not supported: choose one of {', '.join(FORMATS)}")
     if format == "torchvision" and (branch_layout(model) or dense_branch_layout(model)):
         raise ValueError(BRANCH_IS_NOT_ONE_PREDICTOR)
-    if format == "onnx" and branch_layout(model) and model.roi_heads.has_mask():
+    if format == "onnx" and branch_layout(model) and family(model) == "mask_rcnn":
         raise ValueError(
             "a Mask R-CNN branch model cannot be exported to ONNX yet: its per-source mask passes fail in "
             "onnxruntime on an image where a source detects nothing. Use --format torchscript (the same "
@@ -126,7 +128,7 @@ def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]
     import warnings
 
     cpu = copy.deepcopy(model).cpu()
-    masks = bool(getattr(getattr(model, "roi_heads", None), "has_mask", lambda: False)())
+    masks = family(model) == "mask_rcnn"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's warnings on torchvision's shape arithmetic
         torch.onnx.export(
