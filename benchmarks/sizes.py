@@ -12,7 +12,8 @@ objects (chicken and frog; for step 2 duck, turtle and penguin) on which an old 
 (score >= 0.5, IoU >= 0.5). Draw 0 of each size is scored a second time with the merge off
 (``merge_iou`` None: the base's detections as they are). With ``--others naive head``, those
 strategies are trained on draw 0 of each few-data size the same way (``--strategy``, otherwise the
-defaults) and scored beside it (``naive:10`` only at 10 images per class). Writes ``sizes`` and ``step2.branch`` into
+defaults) and scored beside it (``naive:10`` only at 10 images per class); without ``--others`` their
+earlier rows in ``results.json`` are kept. Writes ``sizes`` and ``step2.branch`` into
 ``benchmarks/results.json`` and the ``sizes`` section of ``benchmarks/RESULTS.md``. Finished
 runs in ``--runs`` are reused (delete a folder to redo it).
 """
@@ -186,11 +187,16 @@ def main() -> None:
     print("scoring step 2", flush=True)
     step2_row = scored(args.runs / "step2", test, STEP2, merge_off=True)
     step2_row |= {k: step2[k] for k in ("seconds", "peak_rss_mb", "steps", "command")}
-    results["sizes"] = sizes | {
-        "base_old_ap": round(base_eval.groups["old"]["ap"], 4),
-        "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in STEP1),
-        "base_old_on_new_step2": sum(c.count for c in base_eval.confusions if c.new_class in STEP2),
-    }
+    kept = {"others": results["sizes"]["others"]} if "others" in results.get("sizes", {}) and not others else {}
+    results["sizes"] = (
+        sizes
+        | kept
+        | {
+            "base_old_ap": round(base_eval.groups["old"]["ap"], 4),
+            "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in STEP1),
+            "base_old_on_new_step2": sum(c.count for c in base_eval.confusions if c.new_class in STEP2),
+        }
+    )
     results["step2"]["branch"] = results["step2"].get("branch", {}) | step2_row
     for (strategy, k), run in others.items():
         print("scoring", strategy, k, flush=True)

@@ -20,19 +20,23 @@ At inference (``arbitrate``), with f the base feature at a detection's box:
    of its class (DeFRCN's prototype calibration), so the branch's score and the detection's
    resemblance to what the user labelled agree. alpha = n / (n + ``PRIOR_BOXES``) for n labelled
    boxes of the class (0.7 for 16 boxes, 0.99 for 500);
-2. where an older detection (the base's, or an earlier branch's) and a newer one overlap with
-   IoU >= ``iou``, the older one is lowered (its score times ``LOWERED``, 0.5) only if its
-   box is nearer to ``new_memory`` than to ``old_memory`` (nearest neighbour, cosine) and it
-   scores no higher than ``false_alarm_score``: it looks like the new objects and the base's false
-   alarms on them more than like any old object seen, and the base is no surer than it ever was
-   about a false alarm;
+2. where an older detection (the base's, or an earlier branch's) and a confident newer one
+   (calibrated score >= ``KEEPER_SCORE``) overlap with IoU >= ``iou``, the older one is lowered
+   (its score times ``LOWERED``, 0.5) only if its box is nearer to ``new_memory`` than to
+   ``old_memory`` (nearest neighbour, cosine) and it scores no higher than ``false_alarm_score``: it
+   looks like the new objects and the base's false alarms on them more than like any old object
+   seen, and the base is no surer than it ever was about a false alarm. A newer detection that is
+   not confident itself never lowers an older one;
 3. otherwise a newer detection that scores lower than an overlapping older one is lowered the same way.
 
 Lowered, not removed: a lowered detection falls below ``KEEPER_SCORE``, so it no longer counts as
 a confident detection, but it keeps its rank among the detections of its class below that score.
 Where the arbitration is wrong about a real old object, that object stays in the ranking above
 the weak detections instead of at the bottom. The base's detections are otherwise untouched: no
-other score, box or label changes. A branch that was never calibrated falls back to the plain
+other score, box or label changes. With few training images the old memory is thin (20 images
+hold a few dozen old objects of 80 classes), so ``detgraft extend`` calibrates on each image and
+its mirror image when it trained with flips and on fewer than ``MIRRORED_BELOW`` images
+(``calibrate(..., mirrored=True)``). A branch that was never calibrated falls back to the plain
 soft merge (the stronger claim wins) and ``calibrate`` is logged as missing. How the rule was
 chosen, on val: ``benchmarks/arbitration.py``.
 """
@@ -53,6 +57,7 @@ __all__ = [
     "KEEPER_SCORE",
     "LOWERED",
     "MEMORY",
+    "MIRRORED_BELOW",
     "PRIOR_BOXES",
     "BranchState",
     "arbitrate",
@@ -68,6 +73,11 @@ KEEPER_SCORE = 0.5  # a detection this confident is an old object (away from new
 # detection) but ranked as before among the detections of its class, so a real object the
 # arbitration gets wrong loses little AP (chosen on val over score x (1 - the winner's score))
 LOWERED = 0.5
+# calibrate on mirrored copies too below this many training images: more old objects in the old
+# memory where it is thin (chosen on val: it helped at 10-50 images per class; with 600 images it
+# did not, and it would cost another pass over them)
+MIRRORED_BELOW = 200
+CLAIM_SCORE = KEEPER_SCORE  # a newer detection lowers an older one only from this calibrated score (chosen on val)
 MEMORY = 4096  # at most this many features in each memory (evenly spaced over the training objects)
 # each branch's buffers; new_memory and old_memory change length with the data (detgraft.branch.branch_layout)
 ARBITRATION_STATE = ("prototypes", "alpha", "new_memory", "old_memory", "false_alarm_score", "calibrated")
@@ -116,17 +126,26 @@ def set_arbitration(
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tensor]]], batch: int = 8) -> dict:
+def calibrate(
+    model: nn.Module,
+    examples: Iterable[tuple[Tensor, dict[str, Tensor]]],
+    batch: int = 8,
+    mirrored: bool = False,
+) -> dict:
     """Learns the newest branch's prototypes, memories and false-alarm score from ``examples``
     (``(image, target)`` pairs as a torchvision detection dataset yields them, labels in the
     model's label space: the training images). Call it after training, with the images the branch
-    learned from; ``detgraft extend`` does. Returns what it learned (also logged)."""
+    learned from; ``detgraft extend`` does. With ``mirrored``, each example's left-right mirror
+    image is read too (for training with flips on fewer than ``MIRRORED_BELOW`` images; alpha still
+    counts each labelled box once). Returns what it learned (also logged)."""
     from .branch import BranchRoIHeads
     from .dense_branch import dense_calibration_pass, is_dense_branch_model
 
     heads = getattr(model, "roi_heads", None)
     if not isinstance(heads, BranchRoIHeads) and not is_dense_branch_model(model):
         raise ValueError("calibrate is for models prepared with detgraft.incremental(model, 'branch')")
+    if mirrored:
+        examples = _with_mirrors(examples)
     was_training = model.training
     model.eval()
     try:
@@ -136,9 +155,19 @@ def calibrate(model: nn.Module, examples: Iterable[tuple[Tensor, dict[str, Tenso
         else:
             branch = heads.branches[-1]
             passes = _rcnn_pass(model, heads, branch, examples, batch)
-        return _fit(branch, _seen(passes, branch))
+        return _fit(branch, _seen(passes, branch), copies=2 if mirrored else 1)
     finally:
         model.train(was_training)
+
+
+def _with_mirrors(examples: Iterable[tuple[Tensor, dict[str, Tensor]]]):
+    """Each (image, target) pair, then its left-right mirror image."""
+    for image, target in examples:
+        yield image, target
+        boxes = target["boxes"].reshape(-1, 4)
+        mirrored = boxes.clone()
+        mirrored[:, [0, 2]] = image.shape[-1] - boxes[:, [2, 0]]
+        yield image.flip(-1), {**target, "boxes": mirrored}
 
 
 def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int):
@@ -200,16 +229,16 @@ def training_objects(targets: list[dict], before: list[dict], branch: nn.Module)
     return objects
 
 
-def _fit(branch: nn.Module, seen: dict[str, Tensor]) -> dict:
-    """Prototypes, alpha, memories and the false-alarm score from ``seen`` (``_seen``), set on
-    ``branch``; returns them for the record."""
+def _fit(branch: nn.Module, seen: dict[str, Tensor], copies: int = 1) -> dict:
+    """Prototypes, alpha, memories and the false-alarm score from ``seen`` (``_seen``; each image
+    read ``copies`` times), set on ``branch``; returns them for the record."""
     num_new = len(branch.prototypes)
     feats, labels = seen["new"], seen["labels"]
     missing = [branch.first_label + c for c in range(num_new) if not (labels == c).any()]
     if missing:
         raise ValueError(f"calibrate needs labelled boxes of every new class; none of label(s) {missing}")
     prototypes = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(num_new)]), dim=1)
-    boxes = torch.bincount(labels, minlength=num_new).to(feats)
+    boxes = torch.bincount(labels, minlength=num_new).to(feats) / copies
     alpha = boxes / (boxes + PRIOR_BOXES)
     new_memory = _spread(torch.cat([feats, seen["false_alarms"]]))
     old_memory = _spread(seen["old"])
@@ -217,7 +246,8 @@ def _fit(branch: nn.Module, seen: dict[str, Tensor]) -> dict:
     false_alarm_score = scores.max().item() if len(scores) else 0.0
     set_arbitration(branch, prototypes, alpha, new_memory, old_memory, false_alarm_score)
     learned = {
-        "new_boxes": len(feats),
+        "new_boxes": len(feats) // copies,
+        "mirrored": copies == 2,
         "false_alarms": len(seen["false_alarms"]),
         "old_objects": len(seen["old"]),
         "false_alarm_score": round(false_alarm_score, 4),
@@ -228,8 +258,9 @@ def _fit(branch: nn.Module, seen: dict[str, Tensor]) -> dict:
         "new_like_old": _share_nearer(new_memory, old_memory),
     }
     log.info(
-        "arbitration calibrated on %d new boxes, %d false alarms of the base on them and %d old objects: %s",
-        len(feats),
+        "arbitration calibrated on %d new boxes%s, %d false alarms of the base on them and %d old objects: %s",
+        learned["new_boxes"],
+        " (and their mirror images)" if copies == 2 else "",
         len(seen["false_alarms"]),
         len(seen["old"]),
         learned,
@@ -345,6 +376,7 @@ def _calibrated(
     branches: list[BranchState],
     iou: float,
     features: Tensor,
+    claim: float = CLAIM_SCORE,
 ) -> tuple[Tensor, Tensor]:
     """Prototype-calibrated scores and lowers[i, j] as the module doc says."""
     # no Python branching on the data: the same code traces for ONNX (``detgraft export``)
@@ -359,7 +391,8 @@ def _calibrated(
     older = source[:, None] < source[None, :]  # i is older than j
     newer_wins = torch.zeros_like(overlap)
     for k, branch in enumerate(branches):
-        claims = overlap & older & (source == k + 1)[None, :]  # [i, j]: j of branch k claims i's object
+        # [i, j]: j of branch k claims i's object, and is confident
+        claims = overlap & older & (source == k + 1)[None, :] & (scores >= claim)[None, :]
         contested = torch.nonzero(claims.any(1)).flatten()
         f = features[contested]
         looks_new = (_nearest(f, branch.new_memory) > _nearest(f, branch.old_memory)) & (

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import distributed
-from .arbitration import calibrate
+from .arbitration import MIRRORED_BELOW, calibrate
 from .card import UNUSED, get_card, normalize_name
 from .checkpoint import save_checkpoint
 from .data_check import check_dataset
@@ -274,7 +274,8 @@ def _extend(model, train, settings, out, val, replay, resume):
         return model
     arbitration = None
     if settings.strategy == "branch":
-        arbitration = calibrate(model, (data.example(i) for i in range(len(data))))
+        mirrored = settings.hflip and len(data) < MIRRORED_BELOW
+        arbitration = calibrate(model, (data.example(i) for i in range(len(data))), mirrored=mirrored)
     save_checkpoint(model, out)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
