@@ -10,14 +10,16 @@ each variant:
 
 - merge off: the base's detections untouched; score only: the stronger claim wins (what an
   uncalibrated branch does);
-- the default (an old detection under a new one is lowered, its score halved, when its base
-  feature is nearer to
-  the new memory than to the old one and it scores no higher than the base's surest false alarm
-  on the training images; new scores calibrated by the prototypes with alpha = n / (n + 7) for n
-  labelled boxes), and the default without the false-alarm score (1.0), without the old memory
-  (every contested old detection under that score lowered), with alpha 1.0 (no prototype
-  calibration) or 0.5 for every class, and with the lowering before ``LOWERED`` (the loser's score
-  times 1 - the winner's).
+- the default (an old detection under a confident new one, calibrated score >= 0.5, is lowered,
+  its score halved, when its base feature is nearer to the new memory than to the old one and it
+  scores no higher than the base's surest false alarm on the training images; new scores
+  calibrated by the prototypes with alpha = n / (n + 7) for n labelled boxes; below 200 training
+  images the memories include the mirror images), and the default without the false-alarm score
+  (1.0), without the old memory (every contested old detection under that score lowered), with
+  alpha 1.0 (no prototype calibration) or 0.5 for every class, with the lowering before
+  ``LOWERED`` (the loser's score times 1 - the winner's), with new claims of any score lowering
+  (before ``CLAIM_SCORE``), and calibrated without the mirror images (a copy of the model
+  calibrated again on the training images alone; where there were none, the default).
 
 Scores: old-class AP (x the base's on val), new-class AP, old-on-new (chicken/frog objects on
 which an old class fires, score >= 0.5, IoU >= 0.5); a size's cell is the mean over its draws.
@@ -28,6 +30,8 @@ this file.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import sys
 from pathlib import Path
@@ -41,6 +45,7 @@ from _results import write_section  # noqa: E402
 import detgraft  # noqa: E402
 from detgraft import arbitration, branch  # noqa: E402
 from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
+from detgraft.training_data import TrainingSet  # noqa: E402
 
 HERE = Path(__file__).parent
 MODELS = {str(k): [f"k{k}-draw{d}" for d in range(3)] for k in (10, 30, 50)} | {"all": ["all"]}
@@ -69,10 +74,11 @@ def _times_doubt(scores, lowers):
     return scores * torch.where(lowers, doubt, torch.zeros_like(doubt)).sum(1).exp()
 
 
-def replay(model, data, seen, variant: dict) -> dict:
-    """Scores the detections ``arbitrate`` gives under ``variant``."""
+def replay(model, data, seen, variant: dict, unmirrored=None) -> dict:
+    """Scores the detections ``arbitrate`` gives under ``variant`` (``unmirrored``: the model
+    calibrated without mirror images)."""
     heads = model.roi_heads
-    b = heads.branches[0]
+    b = (unmirrored if variant.get("unmirrored") and unmirrored is not None else model).roi_heads.branches[0]
     fake = SimpleNamespace(
         first_label=b.first_label,
         prototypes=b.prototypes,
@@ -82,9 +88,11 @@ def replay(model, data, seen, variant: dict) -> dict:
         alpha=torch.full_like(b.alpha, variant["alpha"]) if "alpha" in variant else b.alpha,
     )
     detections = {}
-    lowered = arbitration._lowered
+    lowered, calibrated = arbitration._lowered, arbitration._calibrated
     if variant.get("times_doubt"):
         arbitration._lowered = _times_doubt
+    if "claim" in variant:
+        arbitration._calibrated = functools.partial(calibrated, claim=variant["claim"])
     try:
         for im, (sources, features) in zip(data.coco["images"], seen):
             iou = None if variant.get("off") else heads.merge_iou
@@ -93,7 +101,7 @@ def replay(model, data, seen, variant: dict) -> dict:
             n = heads.detections_per_img
             detections[im["id"]] = {"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]}
     finally:
-        arbitration._lowered = lowered
+        arbitration._lowered, arbitration._calibrated = lowered, calibrated
     ev = evaluate(model, data, detections=detections)
     return {
         "old_ap": round(ev.groups["old"]["ap"], 4),
@@ -107,11 +115,24 @@ VARIANTS = {
     "score only (stronger claim wins)": {"score_only": True},
     "default": {},
     "lowered to score x (1 - the winner's score), not x 0.5": {"times_doubt": True},
+    "new claims of any score lower (not only >= 0.5)": {"claim": 0.0},
+    "calibrated without the mirror images": {"unmirrored": True},
     "no false-alarm score (1.0)": {"false_alarm_score": torch.tensor(1.0)},
     "no old memory": {"no_old_memory": True},
     "alpha 1.0 (no prototype calibration)": {"alpha": 1.0},
     "alpha 0.5": {"alpha": 0.5},
 }
+
+
+def recalibrated(model, folder: Path):
+    """A copy of ``model`` calibrated on its training images alone (no mirror images)."""
+    settings = json.loads((folder / "settings.json").read_text())
+    train = load_dataset(settings["train"], Path(settings["train"]).parent / "images")
+    ids = {c["name"]: c["id"] for c in train.coco["categories"]}
+    data = TrainingSet(train, {ids[name]: label for name, label in settings["mapping"].items()})
+    plain = copy.deepcopy(model)
+    arbitration.calibrate(plain, (data.example(i) for i in range(len(data))))
+    return plain
 
 
 def main() -> None:
@@ -137,8 +158,9 @@ def main() -> None:
             seen = record(model, val)
             learned = json.loads((args.runs / folder / "extend.json").read_text())["arbitration"]
             results["models"][size]["learned"].append(learned)
+            unmirrored = recalibrated(model, args.runs / folder) if learned.get("mirrored") else None
             for name, v in VARIANTS.items():
-                results["models"][size]["rows"][name].append(replay(model, val, seen, v))
+                results["models"][size]["rows"][name].append(replay(model, val, seen, v, unmirrored))
     (HERE / "arbitration.json").write_text(json.dumps(results, indent=1))
     write_section("arbitration", table(results))
     print(table(results))

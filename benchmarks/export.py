@@ -1,7 +1,7 @@
 """``detgraft export`` on EmojiCOCO models: TorchScript and ONNX against the eager model.
 
     python benchmarks/export.py --data $DATA --runs $RUNS [--families-runs $FAMILY_RUNS]
-    (after benchmarks/sizes.py --others head; and benchmarks/families.py for its Mask R-CNN model)
+    (after benchmarks/sizes.py --others head; and benchmarks/families.py for its Mask R-CNN and RetinaNet models)
 
 Exports the default strategy's model (``branch``, 10 images per class, draw 0: calibrated, its
 merge acting) and the ``head`` model of the same images to TorchScript and to ONNX (and the
@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/detgraft-export"))
-    parser.add_argument("--families-runs", type=Path, help="benchmarks/families.py's runs: also its Mask R-CNN model")
+    parser.add_argument(
+        "--families-runs", type=Path, help="benchmarks/families.py's runs: also its Mask R-CNN and RetinaNet models"
+    )
     args = parser.parse_args()
     files = find_images(args.data / "images" / "test")[:4]
     images = [load_image(str(f)).float() / 255 for f in files]
@@ -47,14 +49,15 @@ def main() -> None:
     models = {name: args.runs / folder for name, folder in MODELS.items()}
     if args.families_runs:
         models["Mask R-CNN branch (all images)"] = args.families_runs / "maskrcnn-all"
+        models["RetinaNet branch (all images)"] = args.families_runs / "retinanet-all"
     for name, path in models.items():
         folder = path.name
         model = detgraft.load_model(path)
         for format, suffix in (("torchscript", "pt"), ("onnx", "onnx"), ("torchvision", "safetensors")):
             if format == "torchvision" and "branch" in name:
                 continue  # refused: a branch model is not one torchvision predictor
-            if format == "onnx" and name.startswith("Mask R-CNN"):
-                continue  # refused: not yet (its per-source mask passes fail in onnxruntime on empty sources)
+            if format == "onnx" and name.startswith(("Mask R-CNN", "RetinaNet")):
+                continue  # refused: not yet
             out = args.out / f"{folder}.{suffix}"
             check = export(model, out, format, images=images)
             rows.append(
@@ -80,7 +83,8 @@ def table(rows: list[dict]) -> str:
         "at a time; the same labels and counts, each detection paired with the exported one of the same label "
         "nearest in box and score, and the largest differences. The branch model is refused as a torchvision "
         "state dict (one predictor cannot hold it). With `--families-runs $FAMILY_RUNS` (`benchmarks/families.py`'s "
-        "runs) also its Mask R-CNN step-1 model to TorchScript, masks compared (ONNX refused for it). CLI: "
+        "runs) also its Mask R-CNN and RetinaNet step-1 models to TorchScript, masks compared (ONNX refused for "
+        "them). CLI: "
         "`python -m detgraft export $RUNS/k10-draw0 "
         "--format onnx --out model.onnx --images $DATA/images/test`.",
         "",

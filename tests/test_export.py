@@ -157,3 +157,35 @@ def test_torchvision_format_is_a_state_dict_a_plain_model_loads_and_branch_is_re
     assert same["max_box_difference"] < 1e-3 and same["max_score_difference"] < 1e-5
     with pytest.raises(ValueError, match="not one torchvision predictor.*arbitration"):
         export(claiming_branch_model(), tmp_path / "branch.safetensors", "torchvision")
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+def test_a_one_stage_branch_model_exports_with_its_merge(tmp_path, name):
+    """A calibrated RetinaNet / FCOS branch model whose branch fires everywhere: plain
+    torch.jit.load gives the merged detections (branch ones included) at two image sizes; ONNX is
+    refused."""
+    from test_families import NUM_CLASSES, _fire_branch, _targets, pictures
+    from test_families import build as build_family
+
+    model = build_family(name)
+    detgraft.expand_predictor(model, ["chicken", "frog"])
+    incremental(model, "branch")
+    _fire_branch(model, NUM_CLASSES + 1)
+    detgraft.calibrate(model, list(zip(pictures(), _targets(name, [False]))))
+    model.eval()
+    checked = pictures() + [torch.rand(3, 96, 160, generator=torch.Generator().manual_seed(2))]
+    check = export(model, tmp_path / "model.pt", images=checked)
+    assert check["detections"] > 0 and check["max_box_difference"] < 1e-3 and check["max_score_difference"] < 1e-5
+    _, exported = torch.jit.load(str(tmp_path / "model.pt"))(checked)
+    with torch.no_grad():
+        merged = model(checked)
+        model.merge_iou = None
+        unmerged = model(checked)
+    assert all((d["labels"] == NUM_CLASSES + 1).any() for d in exported)
+    for a, b in zip(merged, exported):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+    assert any(not torch.equal(a["scores"], c["scores"]) for a, c in zip(merged, unmerged))  # the merge acted
+    with pytest.raises(ValueError, match="ONNX yet"):
+        export(model, tmp_path / "model.onnx", "onnx", images=checked)

@@ -82,6 +82,7 @@ def test_a_non_finite_loss_stops_with_a_clear_message(train, tmp_path):
     )
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 .* lower --lr"):
         extend(model, train, settings(), out=tmp_path / "nan")
+    assert "training stopped" in (tmp_path / "nan" / "extend.log").read_text()  # the run's log says so too
 
 
 def test_a_category_the_model_has_is_an_error_that_offers_the_choice(tmp_path):

@@ -235,24 +235,25 @@ def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
     box = lambda x: [x, 0.0, x + 10, 10]  # noqa: E731
     # base: a bird that looks like a chicken (0), a pizza (1), a bird far from any new detection (2),
     # a bird that looks like a chicken but of which the base is surer than of any false alarm (3), a
-    # weak bird that looks like an old object (4)
+    # weak bird that looks like an old object (4), a bird that looks like a chicken under a weak claim (5)
     old = (
-        torch.tensor([box(0), box(20), box(40), box(60), box(80)]),
-        torch.tensor([0.9, 0.95, 0.6, 0.99, 0.5]),
-        torch.tensor([2, 3, 2, 2, 2]),
+        torch.tensor([box(0), box(20), box(40), box(60), box(80), box(100)]),
+        torch.tensor([0.9, 0.95, 0.6, 0.99, 0.5, 0.9]),
+        torch.tensor([2, 3, 2, 2, 2, 2]),
     )
     new = (
-        torch.tensor([box(0.5), box(20.5), box(60.5), box(80.5)]),
-        torch.tensor([0.8, 0.99, 0.9, 0.9]),
-        torch.tensor([6, 6, 6, 6]),
+        torch.tensor([box(0.5), box(20.5), box(60.5), box(80.5), box(100.5)]),
+        torch.tensor([0.8, 0.99, 0.9, 0.9, 0.2]),
+        torch.tensor([6, 6, 6, 6, 6]),
     )
     features = torch.tensor(
-        [[1.0, 0], [0, 1], [1, 0], [0.8, 0.6], [0.6, 0.8]]  # at the old boxes
-        + [[1.0, 0], [0.6, 0.8], [1, 0], [1, 0]]  # at the new boxes
+        [[1.0, 0], [0, 1], [1, 0], [0.8, 0.6], [0.6, 0.8], [1, 0]]  # at the old boxes
+        + [[1.0, 0], [0.6, 0.8], [1, 0], [1, 0], [0.6, 0.8]]  # at the new boxes
     )
     boxes, scores, labels = arbitrate([old, new], [branch], 0.5, features)
     got = {(int(b[0]), int(label)): float(s) for b, s, label in zip(boxes, scores, labels)}
-    calibrated = [alpha * s + (1 - alpha) * sim for s, sim in ((0.8, 1.0), (0.99, 0.6), (0.9, 1.0), (0.9, 1.0))]
+    claims = ((0.8, 1.0), (0.99, 0.6), (0.9, 1.0), (0.9, 1.0), (0.2, 0.6))
+    calibrated = [alpha * s + (1 - alpha) * sim for s, sim in claims]
     # nearer the chickens than any old object, and no surer than a false alarm: lowered, though it scored higher
     assert got[(0, 2)] == pytest.approx(0.9 * 0.5)
     assert got[(0, 6)] == pytest.approx(calibrated[0])
@@ -264,6 +265,9 @@ def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
     assert got[(60, 2)] == old[1][3].item() and got[(60, 6)] == pytest.approx(calibrated[2] * 0.5)
     # weaker than the new claim, but nearer the old objects: kept as it is, beside the new detection
     assert got[(80, 2)] == old[1][4].item() and got[(80, 6)] == pytest.approx(calibrated[3])
+    # chicken-like, but the new claim is not confident (calibrated 0.32 < 0.5): kept; the claim is lowered
+    assert calibrated[4] < 0.5
+    assert got[(100, 2)] == old[1][5].item() and got[(100, 6)] == pytest.approx(calibrated[4] * 0.5)
 
 
 def test_calibrate_learns_prototypes_from_the_labelled_boxes():
@@ -285,6 +289,29 @@ def test_calibrate_learns_prototypes_from_the_labelled_boxes():
     assert 0 <= learned["false_alarm_score"] <= 1
     with pytest.raises(ValueError, match="label"):
         calibrate(model, zip(images(), [TARGETS[0], TARGETS[0]]))  # no frog box
+
+
+def test_calibrate_reads_mirror_images_when_asked():
+    from detgraft.arbitration import calibrate
+
+    model = incremental(widened(), "branch")
+    train(model, steps=1, losses={"loss_classifier", "loss_box_reg"})
+    branch = model.roi_heads.branches[0]
+    plain = calibrate(model, zip(images(), TARGETS))
+    alpha = branch.alpha.clone()
+    learned = calibrate(model, zip(images(), TARGETS), mirrored=True)
+    assert learned["mirrored"] and learned["new_boxes"] == plain["new_boxes"] == 2
+    torch.testing.assert_close(branch.alpha, alpha)  # alpha counts each labelled box once
+    assert len(branch.new_memory) == 4 + learned["false_alarms"]  # each chicken and frog, and its mirror
+    # the second row is the first image's chicken seen in its mirror image
+    image, target = images()[0], TARGETS[0]
+    flipped = target["boxes"].clone()
+    flipped[:, [0, 2]] = image.shape[-1] - target["boxes"][:, [2, 0]]
+    with torch.no_grad():
+        image_list, targets = model.transform([image.flip(-1)], [{"boxes": flipped, "labels": target["labels"]}])
+        features = {"0": model.backbone(image_list.tensors)}
+        expected = model.roi_heads.base_features(features, [targets[0]["boxes"]], image_list.image_sizes)
+    torch.testing.assert_close(branch.new_memory[1:2], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_branch_checkpoint_round_trip_and_a_second_extension(tmp_path):

@@ -229,8 +229,7 @@ def _extend(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as stop:
         log.warning("%s", stop or f"interrupted; continue with --resume (checkpoint {args.out}/last)")
         return 130
-    except FloatingPointError as err:
-        log.error("%s", err)
+    except FloatingPointError:  # extend logged it (console and extend.log)
         return 1
     log.info("checkpoint, settings.json, mapping.json and extend.log in %s", args.out)
     return 0

@@ -17,13 +17,11 @@ prototypes and the memories from them, as for R-CNN. Uncalibrated, the stronger 
 The model stays a torchvision ``RetinaNet`` / ``FCOS`` (its class and its head's class become
 subclasses, as ``BranchRoIHeads`` does for R-CNNs): ``model(images, targets)`` returns
 ``{"classification": ...}``, the newest branch's focal loss, and eval mode torchvision's list of
-``{boxes, labels, scores}``.
+``{boxes, labels, scores}``. The inference path is TorchScript (``detgraft export``); training is
+Python only.
 """
 
-from __future__ import annotations
-
 import copy
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +31,15 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
-from .arbitration import add_arbitration_state, arbitrate, chunks, memory_lengths, resize_memories, transformed
+from .arbitration import (
+    BranchState,
+    add_arbitration_state,
+    chunks,
+    memory_lengths,
+    merge,
+    resize_memories,
+    transformed,
+)
 from .branch import attach_branch
 
 __all__ = ["DenseBranch", "add_dense_branch", "is_dense_branch_model"]
@@ -63,36 +69,43 @@ class DenseBranch(nn.Module):
 
 
 class _BranchHead:
-    """The base's head plus ``branches``: the base's outputs for its ``base_classes`` columns (in
-    eval mode), and ``new_cls_logits``, every branch's columns side by side (in training mode
-    only the newest branch's, which is what learns). In eval mode the base's classification tower
-    outputs of the last forward are kept in ``tower`` for the arbitration."""
-
-    branches: nn.ModuleList
-    base_classes: int
+    """The base's head plus ``branches`` (an ``nn.ModuleList``) and ``base_classes`` (the base's
+    class count): in training mode only ``new_cls_logits``, the newest branch's outputs (what
+    learns); in eval mode the base's outputs for its ``base_classes`` columns and every branch's
+    columns side by side (``base_outputs``, which also returns the base's classification tower
+    outputs for the arbitration)."""
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
         if self.training:
             return {"new_cls_logits": self.branches[-1](x)}
-        outputs = self._regression(x)
-        outputs["cls_logits"] = self._base_cls_logits(x)
-        outputs["new_cls_logits"] = torch.cat([b(x) for b in self.branches], dim=2)
-        return outputs
+        return self.base_outputs(x)[0]
 
-    def _base_cls_logits(self, x: list[Tensor]) -> Tensor:
-        """The classification head's forward with only the old classes' rows: what the base computes."""
+    def base_outputs(self, x: list[Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """The head's eval outputs and the base's classification tower outputs (one per level)."""
+        outputs = self._regression(x)
+        outputs["cls_logits"], tower = self._base_cls_logits(x)
+        outputs["new_cls_logits"] = torch.cat([b(x) for b in self.branches], dim=2)
+        return outputs, tower
+
+    def _base_cls_logits(self, x: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The classification head's forward with only the old classes' rows (what the base
+        computes), and its tower's outputs."""
         head, k = self.classification_head, self.base_classes
         conv = head.cls_logits
-        anchors = conv.out_channels // head.num_classes
-        weight = conv.weight.view(anchors, head.num_classes, *conv.weight.shape[1:])[:, :k].flatten(0, 1)
-        bias = conv.bias.view(anchors, head.num_classes)[:, :k].flatten()
-        out, self.tower = [], []
+        anchors = conv.weight.shape[0] // head.num_classes
+        weight = conv.weight.view(anchors, head.num_classes, -1)[:, :k]
+        weight = weight.reshape(anchors * k, conv.weight.shape[1], conv.weight.shape[2], conv.weight.shape[3])
+        full_bias = conv.bias
+        assert full_bias is not None  # torchvision's cls_logits has one
+        bias = full_bias.view(anchors, head.num_classes)[:, :k].flatten()
+        out: list[Tensor] = []
+        tower: list[Tensor] = []
         for features in x:
-            self.tower.append(head.conv(features))
-            logits = F.conv2d(self.tower[-1], weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            tower.append(self.classification_head.conv(features))
+            logits = self.classification_head.cls_logits._conv_forward(tower[-1], weight, bias)
             n, _, h, w = logits.shape
             out.append(logits.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k))
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1), tower
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
         """Sigmoid focal loss of the newest branch over the anchors matched to its boxes (labels
@@ -123,9 +136,44 @@ class BranchFCOSHead(_BranchHead, FCOSHead):
 
 class _BranchModel:
     """A RetinaNet / FCOS whose head is a ``_BranchHead``: the newest branch learns from its own
-    classes' boxes; detections are the base's and the branches', merged."""
+    classes' boxes; detections are the base's and the branches', merged. Also set by
+    ``add_dense_branch``: ``merge_iou`` (float or None) and ``tower_pool`` (what reads the base's
+    tower at a box)."""
 
-    merge_iou: float | None
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        if self.training:
+            return self._training_forward(images, targets)
+        original_image_sizes: list[tuple[int, int]] = []
+        for img in images:
+            original_image_sizes.append((img.shape[-2], img.shape[-1]))
+        image_list, _ = self.transform(images, None)
+        maps = self.backbone(image_list.tensors)
+        features = [maps] if isinstance(maps, Tensor) else list(maps.values())  # as torchvision's forward
+        head_outputs, tower = self.head.base_outputs(features)
+        anchors = self.anchor_generator(image_list, features)
+        # per level, as torchvision's forward splits them
+        num_anchors_per_level = [x.size(2) * x.size(3) for x in features]
+        per_location = head_outputs["cls_logits"].size(1) // sum(num_anchors_per_level)
+        num_anchors_per_level = [n * per_location for n in num_anchors_per_level]
+        split: dict[str, list[Tensor]] = {}
+        for k in head_outputs:
+            split[k] = list(head_outputs[k].split(num_anchors_per_level, dim=1))
+        split_anchors = [list(a.split(num_anchors_per_level)) for a in anchors]
+        detections = self.merged(split, split_anchors, image_list.image_sizes, tower)
+        detections = self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+        losses: dict[str, Tensor] = {}
+        if torch.jit.is_scripting():
+            return losses, detections
+        return self.eager_outputs(losses, detections)
+
+    @torch.jit.unused
+    def _training_forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        # torchvision's forward, with the branch's head and compute_loss (its eager output: the losses)
+        return super().forward(images, targets)
 
     def compute_loss(self, targets, head_outputs, *rest):
         branch = self.head.branches[-1]
@@ -135,43 +183,77 @@ class _BranchModel:
         ]
         return super().compute_loss(targets, head_outputs, *rest)
 
-    def postprocess_detections(self, head_outputs, anchors, image_sizes):
+    def merged(
+        self,
+        head_outputs: dict[str, list[Tensor]],
+        anchors: list[list[Tensor]],
+        image_sizes: list[tuple[int, int]],
+        tower: list[Tensor],
+    ) -> list[dict[str, Tensor]]:
+        """The base's and the branches' detections (``sources``), merged by the arbitration."""
         sources = self.sources(head_outputs, anchors, image_sizes)
-        features = [None] * len(image_sizes)
-        if self.merge_iou is not None and all(bool(b.calibrated) for b in self.head.branches):
+        states: list[BranchState] = []
+        calibrated = True
+        for branch in self.head.branches:
+            states.append(
+                BranchState(
+                    branch.first_label,
+                    branch.prototypes,
+                    branch.alpha,
+                    branch.new_memory,
+                    branch.old_memory,
+                    branch.false_alarm_score,
+                )
+            )
+            calibrated = calibrated and bool(branch.calibrated)
+        merge_iou = self.merge_iou
+        features: list[Tensor | None] = [None for _ in image_sizes]
+        if merge_iou is not None and calibrated:
             boxes = [torch.cat([s[i]["boxes"] for s in sources]) for i in range(len(image_sizes))]
-            features = tower_features(self.head.tower, boxes, image_sizes).split([len(b) for b in boxes])
-        detections = []
-        for i, per_source in enumerate(zip(*sources)):
-            merged = [(d["boxes"], d["scores"], d["labels"]) for d in per_source]
-            boxes, scores, labels = arbitrate(merged, self.head.branches, self.merge_iou, features[i])
+            at = self.tower_features(tower, boxes, image_sizes).split([b.shape[0] for b in boxes])
+            features = []
+            for f in at:
+                features.append(f)
+        detections: list[dict[str, Tensor]] = []
+        for i in range(len(image_sizes)):
+            merging = [(s[i]["boxes"], s[i]["scores"], s[i]["labels"]) for s in sources]
+            boxes, scores, labels = merge(merging, states, merge_iou, features[i])
             n = self.detections_per_img
             detections.append({"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]})
         return detections
 
-    def sources(self, head_outputs, anchors, image_sizes) -> list[list[dict[str, Tensor]]]:
+    def sources(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_sizes: list[tuple[int, int]]
+    ) -> list[list[dict[str, Tensor]]]:
         """torchvision's detections (per image) of the base, then of each branch."""
-        head_outputs = dict(head_outputs)
-        new = head_outputs.pop("new_cls_logits")
-        sources = [super().postprocess_detections(head_outputs, anchors, image_sizes)]
+        base: dict[str, list[Tensor]] = {}
+        for k in head_outputs:
+            if k != "new_cls_logits":
+                base[k] = head_outputs[k]
+        new = head_outputs["new_cls_logits"]
+        sources = [self.postprocess_detections(base, anchors, image_sizes)]
         start = 0
         for branch in self.head.branches:
-            columns = {**head_outputs, "cls_logits": [x[..., start : start + branch.num_classes] for x in new]}
-            found = super().postprocess_detections(columns, anchors, image_sizes)
-            sources.append([{**d, "labels": d["labels"] + branch.first_label} for d in found])
-            start += branch.num_classes
+            width = branch.head.num_classes
+            columns = dict(base)
+            columns["cls_logits"] = [x[:, :, start : start + width] for x in new]
+            found = self.postprocess_detections(columns, anchors, image_sizes)
+            for d in found:
+                d["labels"] = d["labels"] + branch.first_label
+            sources.append(found)
+            start += width
         return sources
 
-
-def tower_features(tower: list[Tensor], boxes: list[Tensor], image_sizes) -> Tensor:
-    """The base classification tower's features at ``boxes`` (a list per image): RoI-aligned 7x7
-    from the FPN level of the box's size, averaged, L2-normalised."""
-    if sum(len(b) for b in boxes) == 0:
-        return tower[0].new_zeros(0, tower[0].shape[1])
-    names = [str(k) for k in range(len(tower))]
-    pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
-    pooled = pool(OrderedDict(zip(names, tower)), boxes, list(image_sizes))
-    return F.normalize(pooled.mean(dim=(2, 3)), dim=1)
+    def tower_features(self, tower: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        """The base classification tower's features at ``boxes`` (a list per image): RoI-aligned 7x7
+        from the FPN level of the box's size, averaged, L2-normalised."""
+        if sum([b.shape[0] for b in boxes]) == 0:
+            return tower[0].new_zeros(0, tower[0].shape[1])
+        levels: dict[str, Tensor] = {}
+        for k, t in enumerate(tower):
+            levels[str(k)] = t
+        pooled = self.tower_pool(levels, boxes, image_sizes)
+        return F.normalize(pooled.mean(dim=(2, 3)), dim=1)
 
 
 @torch.no_grad()
@@ -182,7 +264,7 @@ def dense_calibration_pass(model: nn.Module, examples, batch: int):
     for chunk in chunks(examples, batch):
         image_list, targets = transformed(model, chunk)
         features = list(model.backbone(image_list.tensors).values())
-        outputs = model.head(features)
+        outputs, tower = model.head.base_outputs(features)
         anchors = model.anchor_generator(image_list, features)
         hw = [x.size(2) * x.size(3) for x in features]
         per_anchor = outputs["cls_logits"].size(1) // sum(hw)
@@ -193,8 +275,7 @@ def dense_calibration_pass(model: nn.Module, examples, batch: int):
             {k: torch.cat([s[i][k] for s in sources[:-1]]) for k in ("boxes", "scores", "labels")}
             for i in range(len(targets))
         ]
-        tower = model.head.tower
-        yield targets, before, lambda boxes: tower_features(tower, boxes, image_list.image_sizes)  # noqa: B023
+        yield targets, before, lambda boxes: model.tower_features(tower, boxes, image_list.image_sizes)  # noqa: B023
 
 
 class BranchRetinaNet(_BranchModel, RetinaNet):
@@ -232,6 +313,8 @@ def add_dense_branch(model: nn.Module, labels: list[int], merge_iou: float | Non
         head.branches = nn.ModuleList()
         head.base_classes = labels[0]
         model.merge_iou = merge_iou
+        levels = [str(k) for k in range(len(model.anchor_generator.sizes))]
+        model.tower_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2)
     conv = cls_head.cls_logits
     anchors = conv.out_channels // cls_head.num_classes
     own = slice(labels[0], labels[-1] + 1)

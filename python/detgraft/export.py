@@ -2,8 +2,8 @@
 
 TorchScript through ``torch.jit.script``, as torchvision scripts its detectors: the model stays
 torchvision's (``naive``, ``head``, ``pseudo`` and ``distill`` leave one widened predictor; a
-Faster R-CNN ``branch`` model keeps its branches and the arbitration inside the scripted graph,
-since ``BranchRoIHeads``' inference path and ``detgraft.arbitration.merge`` are TorchScript), so
+``branch`` model keeps its branches and the arbitration inside the scripted graph, since the
+branch models' inference paths and ``detgraft.arbitration.merge`` are TorchScript), so
 the scripted file runs with plain ``torch.jit.load`` and returns torchvision's
 ``(losses, detections)`` tuple. Before writing, ``export`` runs the eager and the scripted model on
 the same images and reports the largest box and score difference.
@@ -19,8 +19,9 @@ num_classes=N)`` (the builder and N are in the checkpoint's ``detgraft.json``), 
 that leave one torchvision predictor; a ``branch`` model is refused with what would change.
 
 A Mask R-CNN (``branch`` included: old detections read the base's mask predictor, new ones their
-branch's) also gives ``masks``, compared too. Not yet: ``branch`` models of RetinaNet / FCOS, and a
-Mask R-CNN ``branch`` model to ONNX, which are refused with what to do instead.
+branch's) also gives ``masks``, compared too. RetinaNet / FCOS ``branch`` models script the same
+way (their inference path is TorchScript too). Not yet: ``branch`` models of Mask R-CNN, RetinaNet
+and FCOS to ONNX, which are refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -60,11 +61,10 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
             "onnxruntime on an image where a source detects nothing. Use --format torchscript (the same "
             "detections and masks)"
         )
-    if dense_branch_layout(model):
+    if format == "onnx" and dense_branch_layout(model):
         raise ValueError(
-            f"a {type(model).__name__} branch model cannot be exported yet (R-CNN branch models can). Use it with "
-            "detgraft installed (detgraft.load_model), or extend with --strategy head for a single torchvision "
-            "head that exports"
+            f"a {family(model)} branch model cannot be exported to ONNX yet. Use --format torchscript "
+            "(the same detections)"
         )
     model = _without_hooks(model).eval()
     out = Path(out)

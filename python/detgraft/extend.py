@@ -191,6 +191,9 @@ def extend(
         logger.setLevel(logging.WARNING)
     try:
         return _extend(model, train, settings, out, val, replay, resume)
+    except FloatingPointError as err:  # said in extend.log too, where the run's story is
+        log.error("%s", err)
+        raise
     finally:
         if joined:  # a process that exits inside torchrun's process group aborts
             distributed.stop()
