@@ -221,7 +221,9 @@ def table(rows: dict) -> str:
     lines += [
         "",
         "Mask R-CNN: the branch trains a mask predictor of its own classes on the base's frozen mask head, where "
-        "masks are given (at most 16 positives per batch; `detgraft.branch.MASK_ROIS`); old detections keep the "
+        "masks are given (at most 8 positives per batch, `detgraft.branch.MASK_ROIS`; with 16, at commit "
+        "999bd3a, the same command took 330 s and reached new mask AP 0.492, with the same box APs); old "
+        "detections keep the "
         "base's masks. RetinaNet: the branch is a classification head of its own on the frozen FPN "
         "(`detgraft.dense_branch`), calibrated (`detgraft.calibrate`) on the base classification tower's features "
         "at the boxes.",

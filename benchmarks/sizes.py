@@ -227,8 +227,10 @@ def table(results: dict) -> str:
         "",
         "Command: `python benchmarks/sizes.py --bench ../shared/bench --data $DATA --runs $RUNS` ($DATA: "
         "`../shared/bench/emojicoco.py --out $DATA`). Each training row is `detgraft extend` with its defaults "
-        "(`--steps auto`, arbitration calibrated on the training images), in its own process on this 2-core "
-        "machine; 10/30/50 images per class: mean over 3 fixed draws of `new_train` (range in brackets). Base: "
+        "(`--steps auto`, arbitration calibrated on the training images, below 200 images with their mirror images "
+        "too), in its own process on this 2-core "
+        "machine; 10/30/50 images per class: mean over 3 fixed draws of `new_train` (range in brackets; old x base "
+        "to 4 decimals, so that a mean below 1.00 shows). Base: "
         f"old-class AP {base_ap:.3f}; old classes fire on {base_on} chicken/frog objects. Merge off: draw 0's model "
         "with `merge_iou` None (the base's detections untouched, its false alarms included).",
         "",
@@ -242,7 +244,7 @@ def table(results: dict) -> str:
         ratio = [a / base_ap for a in r["old_ap"]]
         on = mean(r["old_on_new"])
         lines.append(
-            f"| {k} | {spread(ratio)} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.1%}) | "
+            f"| {k} | {spread(ratio, '.4f')} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.1%}) | "
             f"{'/'.join(map(str, sorted(set(r['steps']))))} | {spread(r['seconds'], '.0f')} | "
             f"{r['peak_rss_mb']} | {off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
         )
@@ -266,7 +268,8 @@ def table(results: dict) -> str:
             "",
             "Other strategies on draw 0 of each size (`python benchmarks/sizes.py --bench ../shared/bench --data $DATA "
             f"--runs $RUNS --others {' '.join(s['others'])}`), trained the same way (`--strategy`, otherwise the "
-            "defaults, `--steps auto`; their learning rates are the defaults, not chosen on val). Cells: old x base / "
+            "defaults, `--steps auto`; their learning rates are the defaults; at 10 per class each strategy's rate "
+            "chosen on val is in section `lr_grid`). Cells: old x base / "
             "new AP / old-on-new / train s.",
             "",
             "| strategy | " + " | ".join(f"{k} per class" for k in map(str, SIZES)) + " |",
