@@ -54,6 +54,7 @@ from torchvision.ops import box_iou
 
 __all__ = [
     "ARBITRATION_STATE",
+    "Arbitrated",
     "KEEPER_SCORE",
     "LOWERED",
     "MEMORY",
@@ -307,6 +308,17 @@ class BranchState(NamedTuple):
     new_memory: Tensor
     old_memory: Tensor
     false_alarm_score: Tensor
+
+
+class Arbitrated:
+    """Gives a branch module (``Branch``, ``DenseBranch``: each has ``first_label`` and the
+    arbitration's buffers) its ``state()`` for the merge, in Python and in TorchScript."""
+
+    @torch.jit.export
+    def state(self) -> BranchState:
+        return BranchState(
+            self.first_label, self.prototypes, self.alpha, self.new_memory, self.old_memory, self.false_alarm_score
+        )
 
 
 def branch_state(branch) -> BranchState:

@@ -26,7 +26,15 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 
-from .arbitration import ARBITRATION_STATE, BranchState, add_arbitration_state, memory_lengths, merge, resize_memories
+from .arbitration import (
+    ARBITRATION_STATE,
+    Arbitrated,
+    BranchState,
+    add_arbitration_state,
+    memory_lengths,
+    merge,
+    resize_memories,
+)
 from .teacher import add_teacher_boxes
 
 __all__ = ["ARBITRATION_STATE", "Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
@@ -36,7 +44,7 @@ log = logging.getLogger(__name__)
 MASK_ROIS = 8  # a branch's mask loss: at most this many positives per batch (16: +27 s, new mask AP +0.007)
 
 
-class Branch(nn.Module):
+class Branch(Arbitrated, nn.Module):
     """A box head and a predictor for labels ``first_label`` .. ``first_label + num_classes - 2``
     (``num_classes`` counts the branch's background, as torchvision's does). With ``others``, the
     predictor has one more output after them: "an object the model knew before", learned from the
@@ -103,16 +111,7 @@ class BranchRoIHeads(RoIHeads):
         states: list[BranchState] = []
         calibrated = True
         for branch in self.branches:
-            states.append(
-                BranchState(
-                    branch.first_label,
-                    branch.prototypes,
-                    branch.alpha,
-                    branch.new_memory,
-                    branch.old_memory,
-                    branch.false_alarm_score,
-                )
-            )
+            states.append(branch.state())
             calibrated = calibrated and bool(branch.calibrated)
         merge_iou = self.merge_iou
         features_at: list[Tensor | None] = [None for _ in proposals]

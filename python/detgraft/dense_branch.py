@@ -32,6 +32,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
 from .arbitration import (
+    Arbitrated,
     BranchState,
     add_arbitration_state,
     chunks,
@@ -45,7 +46,7 @@ from .branch import attach_branch
 __all__ = ["DenseBranch", "add_dense_branch", "is_dense_branch_model"]
 
 
-class DenseBranch(nn.Module):
+class DenseBranch(Arbitrated, nn.Module):
     """A classification head (``num_classes`` outputs per anchor, no background column) for labels
     ``first_label`` .. ``first_label + num_classes - 1``."""
 
@@ -195,16 +196,7 @@ class _BranchModel:
         states: list[BranchState] = []
         calibrated = True
         for branch in self.head.branches:
-            states.append(
-                BranchState(
-                    branch.first_label,
-                    branch.prototypes,
-                    branch.alpha,
-                    branch.new_memory,
-                    branch.old_memory,
-                    branch.false_alarm_score,
-                )
-            )
+            states.append(branch.state())
             calibrated = calibrated and bool(branch.calibrated)
         merge_iou = self.merge_iou
         features: list[Tensor | None] = [None for _ in image_sizes]
