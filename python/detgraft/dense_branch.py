@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
@@ -150,24 +151,28 @@ class _BranchModel:
         for img in images:
             original_image_sizes.append((img.shape[-2], img.shape[-1]))
         image_list, _ = self.transform(images, None)
+        head_outputs, anchors, tower = self.head_pass(image_list)
+        detections = self.merged(head_outputs, anchors, image_list.image_sizes, tower)
+        detections = self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+        losses: dict[str, Tensor] = {}
+        if torch.jit.is_scripting():
+            return losses, detections
+        return self.eager_outputs(losses, detections)
+
+    def head_pass(self, image_list: ImageList) -> tuple[dict[str, list[Tensor]], list[list[Tensor]], list[Tensor]]:
+        """The backbone and the head in eval mode on transformed images: the head's outputs and the
+        anchors split per FPN level (as torchvision's forward splits them), and the base's tower."""
         maps = self.backbone(image_list.tensors)
         features = [maps] if isinstance(maps, Tensor) else list(maps.values())  # as torchvision's forward
         head_outputs, tower = self.head.base_outputs(features)
         anchors = self.anchor_generator(image_list, features)
-        # per level, as torchvision's forward splits them
         num_anchors_per_level = [x.size(2) * x.size(3) for x in features]
         per_location = head_outputs["cls_logits"].size(1) // sum(num_anchors_per_level)
         num_anchors_per_level = [n * per_location for n in num_anchors_per_level]
         split: dict[str, list[Tensor]] = {}
         for k in head_outputs:
             split[k] = list(head_outputs[k].split(num_anchors_per_level, dim=1))
-        split_anchors = [list(a.split(num_anchors_per_level)) for a in anchors]
-        detections = self.merged(split, split_anchors, image_list.image_sizes, tower)
-        detections = self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
-        losses: dict[str, Tensor] = {}
-        if torch.jit.is_scripting():
-            return losses, detections
-        return self.eager_outputs(losses, detections)
+        return split, [list(a.split(num_anchors_per_level)) for a in anchors], tower
 
     @torch.jit.unused
     def _training_forward(
@@ -255,14 +260,8 @@ def dense_calibration_pass(model: nn.Module, examples, batch: int):
     branch, and a function giving the base tower's features at boxes."""
     for chunk in chunks(examples, batch):
         image_list, targets = transformed(model, chunk)
-        features = list(model.backbone(image_list.tensors).values())
-        outputs, tower = model.head.base_outputs(features)
-        anchors = model.anchor_generator(image_list, features)
-        hw = [x.size(2) * x.size(3) for x in features]
-        per_anchor = outputs["cls_logits"].size(1) // sum(hw)
-        sizes = [n * per_anchor for n in hw]
-        split = {k: list(v.split(sizes, dim=1)) for k, v in outputs.items()}
-        sources = model.sources(split, [list(a.split(sizes)) for a in anchors], image_list.image_sizes)
+        outputs, anchors, tower = model.head_pass(image_list)
+        sources = model.sources(outputs, anchors, image_list.image_sizes)
         before = [
             {k: torch.cat([s[i][k] for s in sources[:-1]]) for k in ("boxes", "scores", "labels")}
             for i in range(len(targets))
