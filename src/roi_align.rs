@@ -242,13 +242,36 @@ fn ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// Whether the forward reads the map channels-last (`[N, H, W, C]`, each sample's channels side by
+/// side, so the channel loop vectorises): when it already is, or when the RoIs' samples outnumber
+/// the map's pixels, which pays for the copy.
+fn channels_last(input: &Tensor, rois: usize, p: &Params) -> bool {
+    let size = input.size();
+    let stride = input.stride();
+    if size[1] > 1 && stride[1] == 1 && stride[3] == size[1] {
+        return true;
+    }
+    let grid = if p.sampling_ratio > 0 {
+        (p.sampling_ratio * p.sampling_ratio) as usize
+    } else {
+        4
+    };
+    let samples = rois * (p.pooled_h * p.pooled_w) as usize * grid;
+    samples > (size[0] * size[2] * size[3]) as usize
+}
+
 fn forward_host<T: Real>(input: &Tensor, rois: &Tensor, p: Params) -> Result<Tensor> {
-    let input = input.f_contiguous()?;
     let rois = rois.f_contiguous()?;
     let [_, c, h, w] =
         <[i64; 4]>::try_from(input.size()).map_err(|_| Error::Shape("input must be 4-D".into()))?;
     let k = rois.size()[0] as usize;
     let (c, h, w) = (c as usize, h as usize, w as usize);
+    let last = channels_last(input, k, &p);
+    let input = if last {
+        input.f_permute([0, 2, 3, 1])?.f_contiguous()?
+    } else {
+        input.f_contiguous()?
+    };
     let bins = (p.pooled_h * p.pooled_w) as usize;
     let mut output = Tensor::f_zeros(
         [k as i64, c as i64, p.pooled_h, p.pooled_w],
@@ -273,35 +296,79 @@ fn forward_host<T: Real>(input: &Tensor, rois: &Tensor, p: Params) -> Result<Ten
             let (mine, tail) = rest.split_at_mut(range.len() * per_roi);
             rest = tail;
             scope.spawn(move || {
+                let mut acc = vec![T::ZERO; if last { c } else { 0 }];
                 for (r, block) in range.zip(mine.chunks_mut(per_roi)) {
                     let s = samples(&boxes[5 * r..5 * r + 5], &p, h, w);
-                    let per_bin = s.grid_h * s.grid_w;
-                    let count = T::from_i64(per_bin.max(1) as i64);
-                    for (ch, plane_out) in block.chunks_mut(bins).enumerate() {
-                        let plane = &data[(s.batch * c + ch) * h * w..][..h * w];
-                        for (bin, o) in plane_out.iter_mut().enumerate() {
-                            let mut acc = T::ZERO;
-                            for q in bin * per_bin..(bin + 1) * per_bin {
-                                let (pp, ww) = (s.pos[q], s.weight[q]);
-                                if pp[0] == usize::MAX {
-                                    // outside the map: torchvision adds 0 * input[0]
-                                    acc = acc + T::ZERO;
-                                    continue;
-                                }
-                                acc = acc
-                                    + (ww[0] * plane[pp[0]]
-                                        + ww[1] * plane[pp[1]]
-                                        + ww[2] * plane[pp[2]]
-                                        + ww[3] * plane[pp[3]]);
-                            }
-                            *o = acc / count;
-                        }
+                    if last {
+                        pool_channels_last(
+                            &s,
+                            &data[s.batch * h * w * c..][..h * w * c],
+                            block,
+                            &mut acc,
+                        );
+                    } else {
+                        pool_planes(&s, &data[s.batch * c * h * w..][..c * h * w], block, bins);
                     }
                 }
             });
         }
     });
     Ok(output)
+}
+
+/// One RoI's output block `[C, bins]` from its image's map `[C, H*W]`, plane by plane.
+fn pool_planes<T: Real>(s: &Samples<T>, map: &[T], block: &mut [T], bins: usize) {
+    let per_bin = s.grid_h * s.grid_w;
+    let count = T::from_i64(per_bin.max(1) as i64);
+    let plane_len = map.len() / (block.len() / bins);
+    for (plane, plane_out) in map.chunks(plane_len).zip(block.chunks_mut(bins)) {
+        for (bin, o) in plane_out.iter_mut().enumerate() {
+            let mut acc = T::ZERO;
+            for q in bin * per_bin..(bin + 1) * per_bin {
+                let (pp, ww) = (s.pos[q], s.weight[q]);
+                if pp[0] == usize::MAX {
+                    // outside the map: torchvision adds 0 * input[0]
+                    acc = acc + T::ZERO;
+                    continue;
+                }
+                acc = acc
+                    + (ww[0] * plane[pp[0]]
+                        + ww[1] * plane[pp[1]]
+                        + ww[2] * plane[pp[2]]
+                        + ww[3] * plane[pp[3]]);
+            }
+            *o = acc / count;
+        }
+    }
+}
+
+/// The same block from the map `[H*W, C]`: each sample adds its four pixels' channel rows into
+/// `acc` (length C) at once, every channel by the very operations of `pool_planes`.
+fn pool_channels_last<T: Real>(s: &Samples<T>, map: &[T], block: &mut [T], acc: &mut [T]) {
+    let c = acc.len();
+    let per_bin = s.grid_h * s.grid_w;
+    let count = T::from_i64(per_bin.max(1) as i64);
+    let bins = block.len() / c.max(1);
+    for bin in 0..bins {
+        acc.fill(T::ZERO);
+        for q in bin * per_bin..(bin + 1) * per_bin {
+            let (pp, ww) = (s.pos[q], s.weight[q]);
+            if pp[0] == usize::MAX {
+                for a in acc.iter_mut() {
+                    *a = *a + T::ZERO;
+                }
+                continue;
+            }
+            let row = |k: usize| &map[pp[k] * c..][..c];
+            let rows = row(0).iter().zip(row(1)).zip(row(2).iter().zip(row(3)));
+            for (a, ((v0, v1), (v2, v3))) in acc.iter_mut().zip(rows) {
+                *a = *a + (ww[0] * *v0 + ww[1] * *v1 + ww[2] * *v2 + ww[3] * *v3);
+            }
+        }
+        for (ch, a) in acc.iter().enumerate() {
+            block[ch * bins + bin] = *a / count;
+        }
+    }
 }
 
 /// A pointer that threads may share because each writes a disjoint set of channels.

@@ -9,6 +9,7 @@ from dataclasses import fields
 import pytest
 import safetensors.torch
 import torch
+import torchvision
 
 import detgraft
 from conftest import TINY_BUILDER, write_coco
@@ -40,6 +41,17 @@ def test_seeded_runs_repeat_exactly(train, tmp_path):
     assert all(torch.equal(v, sb[k]) for k, v in sa.items())
     assert not torch.equal(sa["roi_heads.box_head.fc6.weight"], build().state_dict()["roi_heads.box_head.fc6.weight"])
     assert json.loads((tmp_path / "a" / "mapping.json").read_text()) == {"chicken": 6, "frog": 7}
+
+
+def test_extend_runs_detgraft_ops_on_the_cpu_and_gives_torchvision_s_back(train, tmp_path, monkeypatch):
+    original = torchvision.ops.poolers.roi_align, torchvision.ops.boxes.batched_nms
+    calls = []
+    forward, batched = detgraft._core.roi_align_forward, detgraft._core.batched_nms
+    monkeypatch.setattr(detgraft._core, "roi_align_forward", lambda *a: calls.append("roi") or forward(*a))
+    monkeypatch.setattr(detgraft._core, "batched_nms", lambda *a: calls.append("nms") or batched(*a))
+    extend(base_model(), train, settings(strategy="branch"), out=tmp_path / "run")
+    assert {"roi", "nms"} <= set(calls)
+    assert (torchvision.ops.poolers.roi_align, torchvision.ops.boxes.batched_nms) == original
 
 
 @pytest.mark.parametrize("strategy", ["naive", "branch"])

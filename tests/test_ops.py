@@ -134,6 +134,34 @@ def test_roi_align_matches_torchvision(kernel, dtype, aligned, sampling_ratio):
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_roi_align_reads_channels_last_maps_with_the_same_arithmetic(dtype, aligned, sampling_ratio):
+    """A map in channels-last memory is pooled by the channel-vectorised kernel, and so are many RoIs
+    on any map; one RoI on a plain map by the plane-by-plane one. Both add the same products in the
+    same order for each output value, so they agree bit for bit."""
+    x, rois = feature_maps(dtype), roi_boxes(dtype)
+    params = (0.25, 5, 4, sampling_ratio, aligned)
+    planes = torch.cat([_core.roi_align_forward(x, rois[k : k + 1], *params) for k in range(len(rois))])
+    last = _core.roi_align_forward(x.contiguous(memory_format=torch.channels_last), rois, *params)
+    assert torch.equal(planes, last)
+    assert torch.equal(_core.roi_align_forward(x, rois, *params), last)  # many RoIs: copied channels-last
+    torch.testing.assert_close(last, tv_roi_align(x, rois, (5, 4), 0.25, sampling_ratio, aligned), rtol=0, atol=1e-5)
+
+
+def test_roi_align_and_nms_under_autocast_work_in_float32_as_torchvision():
+    x, rois = feature_maps(torch.float32), roi_boxes(torch.float32)
+    boxes, scores = random_boxes(50, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.roi_align(x.bfloat16(), rois, 3, 0.25, 2)
+        expected = tv_roi_align(x.bfloat16(), rois, 3, 0.25, 2)
+        kept = ops.nms(boxes, scores.bfloat16(), 0.5)
+        assert torch.equal(kept, torchvision.ops.nms(boxes, scores.bfloat16(), 0.5))
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_roi_align_takes_a_list_of_boxes_and_trains():
     x = feature_maps(torch.float32).requires_grad_()
     boxes = [torch.tensor([[0.0, 0, 40, 40]]), torch.tensor([[10.0, 10, 60, 50], [0, 0, 8, 8]])]

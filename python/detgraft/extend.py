@@ -10,6 +10,7 @@ data-parallel (``detgraft.distributed``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file
 from torch import nn
 
-from . import distributed
+from . import distributed, ops
 from .arbitration import MIRRORED_BELOW, calibrate
 from .card import UNUSED, get_card, normalize_name
 from .checkpoint import save_checkpoint
@@ -189,8 +190,12 @@ def extend(
         logger.addHandler(handler)
     else:  # under torchrun rank 0 tells the story
         logger.setLevel(logging.WARNING)
+    # detgraft's Rust NMS and RoIAlign on the CPU (the same results as torchvision's, faster:
+    # benchmarks/ops.py); torchvision's CUDA kernels on GPUs
+    fast_ops = ops.everywhere() if settings.device == "cpu" else contextlib.nullcontext()
     try:
-        return _extend(model, train, settings, out, val, replay, resume)
+        with fast_ops:
+            return _extend(model, train, settings, out, val, replay, resume)
     except FloatingPointError as err:  # said in extend.log too, where the run's story is
         log.error("%s", err)
         raise

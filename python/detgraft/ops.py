@@ -4,7 +4,8 @@
 and libtorch tensor operations on other devices, so GPU tensors never leave the GPU.
 ``use_rust_ops(model)`` makes a torchvision detection model call them in its RPN, RoI heads and
 postprocessing; ``restore(model)`` puts torchvision's back; ``rust_ops(model)`` does both around a
-``with`` block.
+``with`` block; ``everywhere()`` swaps them into every torchvision detection model for a block
+(``detgraft extend`` trains, calibrates and evaluates on the CPU inside it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torchvision.ops._utils import convert_boxes_to_roi_format
 
 from . import _core
 
-__all__ = ["nms", "batched_nms", "roi_align", "use_rust_ops", "restore", "rust_ops"]
+__all__ = ["nms", "batched_nms", "roi_align", "use_rust_ops", "restore", "rust_ops", "everywhere"]
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -35,11 +36,15 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         scores (Tensor[N]): one per box, same dtype and device.
         iou_threshold (float): boxes with IoU > iou_threshold with a kept box are dropped.
     """
+    if boxes.dtype != scores.dtype and torch.is_autocast_enabled(boxes.device.type):  # as torchvision's autocast
+        boxes, scores = boxes.float(), scores.float()
     return _core.nms(boxes, scores, float(iou_threshold))
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS independently for each value of ``idxs`` (Int64Tensor[N]); indices by descending score."""
+    if boxes.dtype != scores.dtype and torch.is_autocast_enabled(boxes.device.type):  # as torchvision's autocast
+        boxes, scores = boxes.float(), scores.float()
     return _core.batched_nms(boxes, scores, idxs, float(iou_threshold))
 
 
@@ -81,7 +86,11 @@ def roi_align(
         Tensor[K, C, output_size[0], output_size[1]]
     """
     rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(list(boxes))
-    return _RoIAlign.apply(input, rois, _pair(output_size), spatial_scale, sampling_ratio, aligned)
+    params = (_pair(output_size), spatial_scale, sampling_ratio, aligned)
+    if rois.dtype != input.dtype and torch.is_autocast_enabled(input.device.type):
+        # as torchvision's autocast does: in float32, back in the input's dtype
+        return _RoIAlign.apply(input.float(), rois.float(), *params).to(input.dtype)
+    return _RoIAlign.apply(input, rois, *params)
 
 
 # -- swapping them into a model -----------------------------------------------------------------
@@ -149,3 +158,14 @@ def rust_ops(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         if not was_on:
             restore(model)
+
+
+@contextlib.contextmanager
+def everywhere() -> Iterator[None]:
+    """``with everywhere(): ...`` runs the block with detgraft's ops in every torchvision detection
+    model (copies and teachers made inside it included). Other threads that swap them wait for it."""
+    _enter()
+    try:
+        yield
+    finally:
+        _exit()
