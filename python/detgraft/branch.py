@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 
 from .arbitration import (
     ARBITRATION_STATE,
@@ -210,32 +210,28 @@ class BranchRoIHeads(RoIHeads):
         self, features: dict[str, Tensor], result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]]
     ) -> None:
         """A Mask R-CNN's masks for the merged detections, as torchvision infers them: the base's
-        mask head, an old class's detection reading its channel of the base's mask predictor (the
-        base's own computation on the old detections), a new class's reading its branch's.
-        (TorchScript: the ``is not None`` tests tell it which modules a Mask R-CNN has.)"""
+        mask head on all of them (one pass, as the base runs it on its own detections), an old
+        class's detection reading its channel of the base's mask predictor, a new class's its
+        branch's (0 where its branch has none). Selected elementwise, so an image where one source
+        detects nothing traces like any other (ONNX). (TorchScript: the ``is not None`` tests tell
+        it which modules a Mask R-CNN has.)"""
         if self.mask_roi_pool is None or self.mask_head is None or self.mask_predictor is None:
             return
-        size = self.mask_roi_pool.output_size
-        for r in result:
-            r["masks"] = r["boxes"].new_zeros(r["boxes"].shape[0], 1, 2 * size[0], 2 * size[1])
-        chosen = [r["labels"] < self.base_width for r in result]
-        x = self.mask_head(self.mask_roi_pool(features, [r["boxes"][c] for r, c in zip(result, chosen)], image_shapes))
-        self._paint(result, chosen, self.mask_predictor(x), 0)
+        x = self.mask_head(self.mask_roi_pool(features, [r["boxes"] for r in result], image_shapes))
+        labels = torch.cat([r["labels"] for r in result])
+        index = torch.arange(labels.shape[0], device=labels.device)
+        old = (labels < self.base_width)[:, None, None]
+        logits = self.mask_predictor(x)[index, labels.clamp(max=self.base_width - 1)]
+        probs = torch.where(old, logits.sigmoid(), torch.zeros_like(logits))
         for branch in self.branches:
             predictor = branch.mask_predictor
             if predictor is not None:
-                first, last = branch.first_label, branch.first_label + branch.num_new
-                chosen = [(r["labels"] >= first) & (r["labels"] < last) for r in result]
-                boxes = [r["boxes"][c] for r, c in zip(result, chosen)]
-                x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
-                self._paint(result, chosen, predictor(x), first - 1)
-
-    def _paint(self, result: list[dict[str, Tensor]], chosen: list[Tensor], logits: Tensor, shift: int) -> None:
-        """Each result's ``chosen`` detections get torchvision's masks of ``logits`` (their labels
-        minus ``shift`` index its channels)."""
-        probs = maskrcnn_inference(logits, [r["labels"][c] - shift for r, c in zip(result, chosen)])
-        for r, c, masks in zip(result, chosen, probs):
-            r["masks"][c] = masks
+                first = branch.first_label
+                own = ((labels >= first) & (labels < first + branch.num_new))[:, None, None]
+                theirs = predictor(x)[index, (labels - first + 1).clamp(0, branch.num_new)]
+                probs = torch.where(own, theirs.sigmoid(), probs)
+        for r, masks in zip(result, probs[:, None].split([r["labels"].shape[0] for r in result])):
+            r["masks"] = masks
 
     def _base_detections(
         self, pooled: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]

@@ -19,9 +19,9 @@ num_classes=N)`` (the builder and N are in the checkpoint's ``detgraft.json``), 
 that leave one torchvision predictor; a ``branch`` model is refused with what would change.
 
 A Mask R-CNN (``branch`` included: old detections read the base's mask predictor, new ones their
-branch's) also gives ``masks``, compared too. RetinaNet / FCOS ``branch`` models script the same
-way (their inference path is TorchScript too). Not yet: ``branch`` models of Mask R-CNN, RetinaNet
-and FCOS to ONNX, which are refused with what to do instead.
+branch's) also gives ``masks``, compared too. RetinaNet / FCOS ``branch`` models export the same
+way, to TorchScript and to ONNX (their inference path is TorchScript too); their outputs are
+named in torchvision's order for them, ``boxes, scores, labels``.
 """
 
 from __future__ import annotations
@@ -33,15 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import family
-
 __all__ = ["FORMATS", "ExportMismatch", "export"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx", "torchvision")
 ONNX_OPSET = 17
-OUTPUTS = ("boxes", "labels", "scores", "masks")  # torchvision's order; masks for a Mask R-CNN
 
 
 def export(model: nn.Module, out: str | Path, format: str = "torchscript", images: list | None = None) -> dict:
@@ -55,17 +52,6 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
         raise ValueError(f"format {format!r} is not supported: choose one of {', '.join(FORMATS)}")
     if format == "torchvision" and (branch_layout(model) or dense_branch_layout(model)):
         raise ValueError(BRANCH_IS_NOT_ONE_PREDICTOR)
-    if format == "onnx" and branch_layout(model) and family(model) == "mask_rcnn":
-        raise ValueError(
-            "a Mask R-CNN branch model cannot be exported to ONNX yet: its per-source mask passes fail in "
-            "onnxruntime on an image where a source detects nothing. Use --format torchscript (the same "
-            "detections and masks)"
-        )
-    if format == "onnx" and dense_branch_layout(model):
-        raise ValueError(
-            f"a {family(model)} branch model cannot be exported to ONNX yet. Use --format torchscript "
-            "(the same detections)"
-        )
     model = _without_hooks(model).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +60,7 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
     with torch.no_grad():  # one image at a time: in a batch, torchvision pads each image to the largest
         eager = [model([image])[0] for image in images]
     if format == "onnx":
-        exported = _onnx(model, out, images)
+        exported = _onnx(model, out, images, list(eager[0]))
     elif format == "torchvision":
         exported = _torchvision(model, out, images)
     else:
@@ -116,9 +102,11 @@ def _torchvision(model: nn.Module, out: Path, images: list[torch.Tensor]) -> lis
         return [rebuilt([image])[0] for image in images]
 
 
-def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]:
+def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor], names: list[str]) -> list[dict]:
     """Writes ``model`` as ONNX (traced on the first of ``images``, image height and width and the
-    number of detections dynamic); returns onnxruntime's detections on each of ``images``."""
+    number of detections dynamic), its outputs named ``names`` (the keys of the model's detections,
+    in their order: ``boxes, labels, scores[, masks]`` for R-CNNs, ``boxes, scores, labels`` for
+    RetinaNet and FCOS); returns onnxruntime's detections on each of ``images``."""
     try:
         import onnxruntime
     except ImportError as err:
@@ -128,7 +116,6 @@ def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]
     import warnings
 
     cpu = copy.deepcopy(model).cpu()
-    masks = family(model) == "mask_rcnn"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's warnings on torchvision's shape arithmetic
         torch.onnx.export(
@@ -138,14 +125,14 @@ def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]
             dynamo=False,  # the TorchScript-based exporter, which torchvision's detectors are tested with
             opset_version=ONNX_OPSET,
             input_names=["image"],
-            output_names=list(OUTPUTS[: 3 + masks]),
-            dynamic_axes={"image": [1, 2]} | {name: [0] for name in OUTPUTS[: 3 + masks]},
+            output_names=names,
+            dynamic_axes={"image": [1, 2]} | {name: [0] for name in names},
         )
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     detections = []
     for image in images:
         outputs = session.run(None, {"image": image.cpu().numpy()})
-        detections.append({name: torch.from_numpy(x).to(image.device) for name, x in zip(OUTPUTS, outputs)})
+        detections.append({name: torch.from_numpy(x).to(image.device) for name, x in zip(names, outputs)})
     return detections
 
 
