@@ -245,10 +245,10 @@ def table(rows: dict) -> str:
         "Mask R-CNN: the branch trains a mask predictor of its own classes on the base's frozen mask head, where "
         "masks are given (at most 8 positives per batch, `detgraft.branch.MASK_ROIS`; with 16, at commit "
         "999bd3a, the same command took 330 s and reached new mask AP 0.492, with the same box APs); old "
-        "detections keep the "
-        "base's masks. FCOS and RetinaNet: the branch is a classification head of its own on the frozen FPN "
-        "(`detgraft.dense_branch`), calibrated (`detgraft.calibrate`) on the base classification tower's features "
-        "at the boxes.",
+        "detections keep the base's masks. Step 1 trains with detgraft's Rust NMS and RoIAlign since commit "
+        "7557aed (the same weights, bit for bit; 303 s before). FCOS and RetinaNet: the branch is a "
+        "classification head of its own on the frozen FPN (`detgraft.dense_branch`), calibrated "
+        "(`detgraft.calibrate`) on the base classification tower's features at the boxes.",
     ]
     retina = rows.get("retinanet")
     if retina and retina["base"]["old_ap"] < 0.1:

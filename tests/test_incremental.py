@@ -42,15 +42,16 @@ def train(model, steps=3, weight_decay=1e-2, losses=TORCHVISION_LOSSES):
     return model.eval()
 
 
-def test_freeze_batchnorm_keeps_outputs_and_stops_drift():
+def test_freeze_batchnorm_keeps_outputs_bit_for_bit_and_stops_drift():
+    """The frozen layers run BatchNorm's own eval kernel on the same shapes: equal by construction."""
     model = build()
-    before = [d["scores"] for d in model(images())]
+    before = model(images())
     assert freeze_batchnorm(model) == 2
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 2
-    after = [d["scores"] for d in model(images())]
+    after = model(images())
     for b, a in zip(before, after):
-        torch.testing.assert_close(a, b)
+        assert all(torch.equal(a[k], b[k]) for k in b)
     stats = model.backbone[1].running_mean.clone()
     model.train()
     model(images(), [{**t, "labels": torch.tensor([2])} for t in TARGETS])

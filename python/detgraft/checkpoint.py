@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .arbitration import RETIRED_STATE
+from .batchnorm import BatchNormFrozen
 from .branch import ARBITRATION_STATE, branch_layout, restore_branches
 from .card import ModelCard, get_card
 from .dense_branch import dense_branch_layout, restore_dense_branches
@@ -81,7 +82,9 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
         # what a builder called without weights does not reproduce (torchvision freezes both
         # only when it loads pretrained weights)
         "branches": branch_layout(model) or dense_branch_layout(model),
-        "frozen_batchnorm": [n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)],
+        # torchvision's FrozenBatchNorm2d, and detgraft's (BatchNorm's arithmetic): each comes back as it was
+        "frozen_batchnorm": [n for n, m in model.named_modules() if type(m) is FrozenBatchNorm2d],
+        "batchnorm_frozen": [n for n, m in model.named_modules() if isinstance(m, BatchNormFrozen)],
         "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad],
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
@@ -109,7 +112,9 @@ def load_checkpoint(path: str | Path) -> nn.Module:
         )
     model = build_architecture(meta["builder"], meta["num_classes"])
     for name in meta.get("frozen_batchnorm", []):
-        _freeze_batchnorm(model, name)
+        _freeze_batchnorm(model, name, FrozenBatchNorm2d)
+    for name in meta.get("batchnorm_frozen", []):
+        _freeze_batchnorm(model, name, BatchNormFrozen)
     if meta.get("branches"):
         restore = restore_dense_branches if meta["branches"].get("kind") == "dense" else restore_branches
         restore(model, meta["branches"])
@@ -136,15 +141,15 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _freeze_batchnorm(model: nn.Module, name: str) -> None:
-    """Replaces the BatchNorm2d at ``name`` by a FrozenBatchNorm2d, as the saved model had."""
+def _freeze_batchnorm(model: nn.Module, name: str, kind: type[FrozenBatchNorm2d]) -> None:
+    """Replaces the BatchNorm2d at ``name`` by a frozen one of ``kind``, as the saved model had."""
     module = model.get_submodule(name)
-    if isinstance(module, FrozenBatchNorm2d):
+    if type(module) is kind:
         return
-    if not isinstance(module, nn.BatchNorm2d):
-        raise ValueError(f"checkpoint has a FrozenBatchNorm2d at {name!r}; the builder makes a {type(module).__name__}")
+    if type(module) is not nn.BatchNorm2d:
+        raise ValueError(f"checkpoint has a {kind.__name__} at {name!r}; the builder makes a {type(module).__name__}")
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, FrozenBatchNorm2d(module.num_features, eps=module.eps))
+    setattr(model.get_submodule(parent), child, kind(module.num_features, eps=module.eps))
 
 
 def _umask() -> int:

@@ -26,9 +26,9 @@ import logging
 
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import families
+from .batchnorm import freeze_batchnorm
 from .branch import add_branch
 from .card import get_card
 from .dense_branch import add_dense_branch
@@ -60,27 +60,6 @@ def check_strategy(model: nn.Module, strategy: str) -> str:
             f"choose one of {', '.join(STRATEGIES_OF[kind])}"
         )
     return kind
-
-
-def freeze_batchnorm(model: nn.Module) -> int:
-    """Replaces every ``nn.BatchNorm2d`` by a ``FrozenBatchNorm2d`` with the same statistics and
-    affine parameters (as torchvision's pretrained detectors are built); returns how many."""
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.BatchNorm2d:
-            continue
-        if not module.track_running_stats or module.running_mean is None:
-            raise ValueError(f"BatchNorm2d {name!r} has no running statistics to freeze")
-        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps).to(module.running_mean.device)
-        with torch.no_grad():
-            frozen.running_mean.copy_(module.running_mean)
-            frozen.running_var.copy_(module.running_var)
-            frozen.weight.copy_(module.weight if module.affine else torch.ones_like(frozen.weight))
-            frozen.bias.copy_(module.bias if module.affine else torch.zeros_like(frozen.bias))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, frozen)
-        replaced += 1
-    return replaced
 
 
 def incremental(
