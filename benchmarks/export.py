@@ -1,7 +1,7 @@
 """``detgraft export`` on EmojiCOCO models: TorchScript and ONNX against the eager model.
 
     python benchmarks/export.py --data $DATA --runs $RUNS [--families-runs $FAMILY_RUNS]
-    (after benchmarks/sizes.py --others head; and benchmarks/families.py for its Mask R-CNN and RetinaNet models)
+    (after benchmarks/sizes.py --others head; and benchmarks/families.py for its Mask R-CNN and FCOS models)
 
 Exports the default strategy's model (``branch``, 10 images per class, draw 0: calibrated, its
 merge acting) and the ``head`` model of the same images to TorchScript and to ONNX (and the
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/detgraft-export"))
     parser.add_argument(
-        "--families-runs", type=Path, help="benchmarks/families.py's runs: also its Mask R-CNN and RetinaNet models"
+        "--families-runs", type=Path, help="benchmarks/families.py's runs: also its Mask R-CNN and FCOS models"
     )
     args = parser.parse_args()
     files = find_images(args.data / "images" / "test")[:4]
@@ -49,7 +49,7 @@ def main() -> None:
     models = {name: args.runs / folder for name, folder in MODELS.items()}
     if args.families_runs:
         models["Mask R-CNN branch (all images)"] = args.families_runs / "maskrcnn-all"
-        models["RetinaNet branch (all images)"] = args.families_runs / "retinanet-all"
+        models["FCOS branch (all images)"] = args.families_runs / "fcos-all"
     for name, path in models.items():
         folder = path.name
         model = detgraft.load_model(path)
@@ -81,7 +81,7 @@ def table(rows: list[dict]) -> str:
         "at a time; the same labels and counts, each detection paired with the exported one of the same label "
         "nearest in box and score, and the largest differences. The branch model is refused as a torchvision "
         "state dict (one predictor cannot hold it). With `--families-runs $FAMILY_RUNS` (`benchmarks/families.py`'s "
-        "runs) also its Mask R-CNN and RetinaNet step-1 models, masks compared. CLI: "
+        "runs) also its Mask R-CNN and FCOS step-1 models, masks compared. CLI: "
         "`python -m detgraft export $RUNS/k10-draw0 "
         "--format onnx --out model.onnx --images $DATA/images/test`.",
         "",
