@@ -24,6 +24,7 @@ and ``families`` in results.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import resource
@@ -142,7 +143,10 @@ def train_base(args, name: str, build, prepare, trains: str, recipe: dict, masks
 
 
 def score(folder: Path, test) -> dict:
-    model = detgraft.load_model(folder)
+    return score_model(detgraft.load_model(folder), test)
+
+
+def score_model(model, test) -> dict:
     ev = evaluate(model, test, detections=detect(model, test))
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
     new = set(detgraft.get_card(model).new_labels)
@@ -156,6 +160,33 @@ def score(folder: Path, test) -> dict:
         row["old_mask_ap"] = round(ev.mask_groups["old"]["ap"], 4)
         row["new_mask_ap"] = round(ev.mask_groups["new"]["ap"], 4) if "new" in ev.mask_groups else None
     return row
+
+
+CLAIMS = (0.5, 0.6, 0.7)  # the claim score of detgraft.arbitration (0.5), and higher ones
+
+
+def claims_on_val(args, name: str) -> list[dict]:
+    """The step-1 model of ``name`` on val: merge off, then merged with each claim score of
+    ``CLAIMS`` (the score a new detection needs to lower an old one): what the merge costs and
+    gives, the way the default was chosen for Faster R-CNN (``benchmarks/arbitration.py``)."""
+    from detgraft import arbitration
+
+    val = load_dataset(args.data / "val.json", args.data / "images")
+    base = score(args.runs / f"{name}-base", val)
+    model_rows = []
+    calibrated = arbitration._calibrated
+    try:
+        for claim in (None, *CLAIMS):
+            arbitration._calibrated = functools.partial(calibrated, claim=claim or CLAIMS[0])
+            model = detgraft.load_model(args.runs / f"{name}-all")
+            if claim is None:
+                model.merge_iou = None
+            row = score_model(model, val)
+            model_rows.append({"claim": claim, **row, "old_x_base": round(row["old_ap"] / base["old_ap"], 4)})
+            print(name, "val", model_rows[-1], flush=True)
+    finally:
+        arbitration._calibrated = calibrated
+    return [{"base_old_ap": base["old_ap"], "base_old_on_new": base["old_on_new"]}, *model_rows]
 
 
 BASES = {
@@ -175,6 +206,7 @@ def main() -> None:
     parser.add_argument("--mask-steps", type=int, default=300)
     parser.add_argument("--fcos-steps", type=int, default=600)
     parser.add_argument("--retinanet-steps", type=int, default=800)
+    parser.add_argument("--claims", action="store_true", help="also the one-stage step 1 on val at other claim scores")
     parser.add_argument("--from-results", action="store_true", help="only write RESULTS.md's section from results.json")
     args = parser.parse_args()
     if args.from_results:
@@ -196,6 +228,8 @@ def main() -> None:
         for part in ("base", "step1"):
             row[part].pop("final_losses", None)
             row[part].pop("arbitration", None)
+        if args.claims and family != "mask_rcnn":
+            row["claims_val"] = claims_on_val(args, name)
         results.setdefault("families", {})[family] = row
         (HERE / "results.json").write_text(json.dumps(results, indent=1))
     write_section("families", table(results["families"]))
@@ -250,6 +284,24 @@ def table(rows: dict) -> str:
         "classification head of its own on the frozen FPN (`detgraft.dense_branch`), calibrated "
         "(`detgraft.calibrate`) on the base classification tower's features at the boxes.",
     ]
+    for family, row in rows.items():
+        if "claims_val" not in row:
+            continue
+        base, *variants = row["claims_val"]
+        lines += [
+            "",
+            f"{TITLES[family]} step 1 on val (base old AP {base['base_old_ap']:.3f}, old-on-new "
+            f"{base['base_old_on_new']}), merge off and at each claim score (the calibrated score a new detection "
+            "needs to lower an old one; detgraft's is 0.5, chosen on Faster R-CNN's val): "
+            f"`python benchmarks/families.py --bench ../shared/bench --data $DATA --runs $RUNS --families {family} "
+            "--claims`",
+            "",
+            "| merge | old AP x base | new AP | old-on-new |",
+            "|---|---|---|---|",
+        ]
+        for v in variants:
+            merge = "off" if v["claim"] is None else f"claim {v['claim']}"
+            lines.append(f"| {merge} | {v['old_x_base']:.3f} | {v['new_ap']:.3f} | {v['old_on_new']} |")
     retina = rows.get("retinanet")
     if retina and retina["base"]["old_ap"] < 0.1:
         lines += [
