@@ -41,6 +41,7 @@ from sizes import STEP1, shown, train  # noqa: E402
 
 import detgraft  # noqa: E402
 from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
+from detgraft.extend import auto_lr  # noqa: E402
 from detgraft.incremental import freeze_batchnorm  # noqa: E402
 from detgraft.loading import _read_classes  # noqa: E402
 from detgraft.training_data import TrainingSet  # noqa: E402
@@ -189,6 +190,30 @@ def claims_on_val(args, name: str) -> list[dict]:
     return [{"base_old_ap": base["old_ap"], "base_old_on_new": base["old_on_new"]}, *model_rows]
 
 
+LR_GRID = (0.01, 0.02, 0.05)  # benchmarks/lr_grid.py's grid
+
+
+def lr_grid_on_val(args, family: str, name: str) -> list[dict]:
+    """Step 1 of ``name`` at each rate of ``LR_GRID`` (``--lr LR``; the default rate's run is
+    ``$RUNS/{name}-all`` itself), scored on val: how ``detgraft.extend.AUTO_LR_ONE_STAGE`` was chosen
+    (the best mean of old-class AP x base and new-class AP, as ``benchmarks/lr_grid.py`` chooses)."""
+    val = load_dataset(args.data / "val.json", args.data / "images")
+    base = score(args.runs / f"{name}-base", val)
+    rows = []
+    for lr in LR_GRID:
+        default = lr == auto_lr("branch", family)
+        out = args.runs / (f"{name}-all" if default else f"{name}-all-lr{lr}")
+        flags = ["--base", str(args.runs / f"{name}-base")] + ([] if default else ["--lr", str(lr)])
+        run = train(args, out, args.data / "new_train.json", flags)
+        got = score(out, val)
+        old = round(got["old_ap"] / base["old_ap"], 4)
+        rows.append({"lr": lr, "default": default, "val_old_x_base": old, "val_new_ap": got["new_ap"],
+                     "val_old_on_new": got["old_on_new"], "val_score": round((old + got["new_ap"]) / 2, 4),
+                     "command": run["command"]})  # fmt: skip
+        print(name, "lr", rows[-1], flush=True)
+    return rows
+
+
 BASES = {
     "mask_rcnn": ("maskrcnn", train_mask_rcnn_base),
     "fcos": ("fcos", train_fcos_base),
@@ -206,7 +231,9 @@ def main() -> None:
     parser.add_argument("--mask-steps", type=int, default=300)
     parser.add_argument("--fcos-steps", type=int, default=600)
     parser.add_argument("--retinanet-steps", type=int, default=800)
-    parser.add_argument("--claims", action="store_true", help="also the one-stage step 1 on val at other claim scores")
+    parser.add_argument(
+        "--claims", action="store_true", help="also the one-stage step 1 on val at other rates and claim scores"
+    )
     parser.add_argument("--from-results", action="store_true", help="only write RESULTS.md's section from results.json")
     args = parser.parse_args()
     if args.from_results:
@@ -229,6 +256,7 @@ def main() -> None:
             row[part].pop("final_losses", None)
             row[part].pop("arbitration", None)
         if args.claims and family != "mask_rcnn":
+            row["lr_val"] = lr_grid_on_val(args, family, name)
             row["claims_val"] = claims_on_val(args, name)
         results.setdefault("families", {})[family] = row
         (HERE / "results.json").write_text(json.dumps(results, indent=1))
@@ -284,6 +312,24 @@ def table(rows: dict) -> str:
         "classification head of its own on the frozen FPN (`detgraft.dense_branch`), calibrated "
         "(`detgraft.calibrate`) on the base classification tower's features at the boxes.",
     ]
+    for family, row in rows.items():
+        if "lr_val" not in row:
+            continue
+        lines += [
+            "",
+            f"{TITLES[family]} step 1 on val at each learning rate (`--lr`; the rate with the best mean of old x base "
+            "and new AP is the default, `detgraft.extend.AUTO_LR_ONE_STAGE`): `python benchmarks/families.py --bench "
+            f"../shared/bench --data $DATA --runs $RUNS --families {family} --claims`",
+            "",
+            "| lr | old AP x base | new AP | old-on-new | mean of the two APs | command |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in row["lr_val"]:
+            lr = f"{r['lr']} (default)" if r["default"] else r["lr"]
+            lines.append(
+                f"| {lr} | {r['val_old_x_base']:.3f} | {r['val_new_ap']:.3f} | {r['val_old_on_new']} "
+                f"| {r['val_score']:.3f} | `{r['command']}` |"
+            )
     for family, row in rows.items():
         if "claims_val" not in row:
             continue

@@ -14,7 +14,7 @@ import torchvision
 import detgraft
 from conftest import TINY_BUILDER, write_coco
 from detgraft.cli import _parser, main
-from detgraft.extend import ExtendSettings, extend
+from detgraft.extend import ExtendSettings, auto_lr, extend
 from tiny_model import build
 
 
@@ -175,11 +175,15 @@ def test_the_default_budget_follows_the_data_and_is_recorded(train, tmp_path):
     assert bool(detgraft.load_model(tmp_path / "out").roi_heads.branches[0].calibrated)
 
 
-def test_the_default_learning_rate_follows_the_strategy():
+def test_the_default_learning_rate_follows_the_strategy_and_family(train, tmp_path):
     # the whole-network strategies diverge at the heads' rate: naive gave a NaN loss at 0.05
-    assert ExtendSettings().lr == 0.05 and ExtendSettings(strategy="head").lr == 0.05
-    assert all(ExtendSettings(strategy=s).lr == 0.01 for s in ("naive", "pseudo", "distill"))
+    assert auto_lr("branch", "faster_rcnn") == 0.05 and auto_lr("head", "mask_rcnn") == 0.05
+    assert all(auto_lr(s, "faster_rcnn") == 0.01 for s in ("naive", "pseudo", "distill"))
+    assert auto_lr("branch", "fcos") == auto_lr("branch", "retinanet") == 0.01 and auto_lr("head", "fcos") == 0.05
+    assert ExtendSettings().lr is None  # auto: extend resolves it, knowing the model's family
     assert ExtendSettings(strategy="naive", lr=0.02).lr == 0.02
+    extend(base_model(), train, settings(lr=None), out=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["settings"]["lr"] == 0.01
     argv = ["extend", "--base", "m", "--train", "t", "--images", "i", "--out", "o", "--lr", "auto"]
     assert _parser().parse_args(argv).lr is None
 

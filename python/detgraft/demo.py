@@ -189,8 +189,7 @@ def run_demo(out: str | Path = "runs/demo", *, cache: str | Path | None = None, 
     val = load_dataset(out / "val.json", out / "images")
     table: dict[str, dict[str, float]] = {}
     for strategy in (ExtendSettings().strategy, "naive"):
-        lr = ExtendSettings().lr if strategy != "naive" else 0.01
-        settings = ExtendSettings(strategy=strategy, steps=size.extend_steps, lr=lr, warmup=min(50, size.extend_steps))
+        settings = ExtendSettings(strategy=strategy, steps=size.extend_steps, warmup=min(50, size.extend_steps))
         extend(load_model(base_folder), train, settings, out=out / strategy, val=val)
         report = json.loads((out / strategy / "eval.json").read_text())  # extend scored the base on val too
         table.setdefault("base", _ap(report["base"]["groups"]))

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, families, ops
 from .arbitration import MIRRORED_BELOW, calibrate
 from .card import UNUSED, get_card, normalize_name
 from .checkpoint import save_checkpoint
@@ -48,6 +48,9 @@ AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 500
 # --lr auto: the rates of benchmarks/incremental.py. A strategy that trains the whole network
 # diverges at the heads' 0.05 (naive: a NaN loss at step 31 with 10 images per class)
 AUTO_LR = {"branch": 0.05, "head": 0.05, "naive": 0.01, "pseudo": 0.01, "distill": 0.01}
+# a one-stage branch (a classification head on the frozen FPN, focal loss): 0.01, chosen on val from
+# 0.01 / 0.02 / 0.05 with FCOS (benchmarks/RESULTS.md, section families)
+AUTO_LR_ONE_STAGE = {"branch": 0.01}
 EXISTING = ("error", "train", "ignore")
 AMP = ("auto", "bf16", "fp16", "off")
 
@@ -70,7 +73,7 @@ class ExtendSettings:
     batch_size: int = _flag("images per step", default=8)
     lr: float | None = _flag(
         "peak learning rate (SGD); auto: 0.05 for branch and head, 0.01 for naive, pseudo and distill (they train "
-        "the whole network)",
+        "the whole network); 0.01 for branch on RetinaNet and FCOS",
         default=None,
     )
     momentum: float = _flag("SGD momentum", default=0.9)
@@ -112,8 +115,6 @@ class ExtendSettings:
             self.amp = "off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
-        if self.lr is None:  # resolved here, so settings.json records the rate it ran with
-            self.lr = AUTO_LR[self.strategy]
         if self.existing not in EXISTING:
             raise ValueError(f"existing {self.existing!r} is unknown: choose one of {', '.join(EXISTING)}")
         if self.init not in INITS:
@@ -123,8 +124,15 @@ class ExtendSettings:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:  # None: auto_lr, once extend knows the model's family
             raise ValueError(f"lr must be positive; got {self.lr}")
+
+
+def auto_lr(strategy: str, family: str) -> float:
+    """``--lr auto``: the strategy's rate (``AUTO_LR``), a one-stage branch's its own."""
+    if family in ("retinanet", "fcos"):
+        return AUTO_LR_ONE_STAGE.get(strategy, AUTO_LR[strategy])
+    return AUTO_LR[strategy]
 
 
 def auto_steps(images: int, batch_size: int) -> int:
@@ -222,6 +230,8 @@ def _extend(model, train, settings, out, val, replay, resume):
             "detgraft.load_model, or set detgraft.get_card(model).builder = detgraft.loading.torchvision_builder(name)"
         )
     kind = check_strategy(model, settings.strategy)  # found out now, not after the model is widened
+    if settings.lr is None:  # resolved here, so settings.json records the rate it ran with
+        settings = replace(settings, lr=auto_lr(settings.strategy, kind))
     first = card.num_classes
     mapping = {name: first + k for k, name in enumerate(names)}
     log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))
@@ -315,9 +325,11 @@ def _checked(data: Dataset | None) -> Dataset | None:
 
 
 def optimizer_and_schedule(model: nn.Module, settings: ExtendSettings):
-    """SGD over the parameters that require grad; linear warm-up, then cosine decay to 0 at ``steps``."""
+    """SGD over the parameters that require grad (at ``auto_lr`` when ``settings.lr`` is None);
+    linear warm-up, then cosine decay to 0 at ``steps``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    lr = settings.lr if settings.lr is not None else auto_lr(settings.strategy, families.family(model))
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     warm, total = settings.warmup, settings.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
