@@ -66,14 +66,8 @@ def train_retinanet_base(args) -> dict:
     on ``base_train``."""
     from retinanet_base import build
 
-    def prepare(model) -> None:
-        weights = load_file(str(args.bench / "base.safetensors"))
-        weights = {k: v for k, v in weights.items() if k.startswith("backbone.")}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
-
     recipe = {"head_steps": args.retinanet_steps, "optimizer": "AdamW", "lr": 0.001, "warmup": 50}
-    return train_base(args, "retinanet", build, prepare, "head.", recipe, masks=False)
+    return train_base(args, "retinanet", build, load_backbone(args), "head.", recipe, masks=False)
 
 
 def train_fcos_base(args) -> dict:
@@ -81,14 +75,21 @@ def train_fcos_base(args) -> dict:
     ``base_train``."""
     from fcos_base import build
 
+    recipe = {"head_steps": args.fcos_steps, "optimizer": "AdamW", "lr": 0.001, "warmup": 50}
+    return train_base(args, "fcos", build, load_backbone(args), "head.", recipe, masks=False)
+
+
+def load_backbone(args):
+    """A one-stage base's ``prepare``: loads the Faster R-CNN base's backbone and FPN (only the
+    head is left to train)."""
+
     def prepare(model) -> None:
         weights = load_file(str(args.bench / "base.safetensors"))
         weights = {k: v for k, v in weights.items() if k.startswith("backbone.")}
         missing, unexpected = model.load_state_dict(weights, strict=False)
         assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
 
-    recipe = {"head_steps": args.fcos_steps, "optimizer": "AdamW", "lr": 0.001, "warmup": 50}
-    return train_base(args, "fcos", build, prepare, "head.", recipe, masks=False)
+    return prepare
 
 
 def train_base(args, name: str, build, prepare, trains: str, recipe: dict, masks: bool) -> dict:
