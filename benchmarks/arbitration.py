@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import sys
 from pathlib import Path
@@ -92,7 +91,7 @@ def replay(model, data, seen, variant: dict, unmirrored=None) -> dict:
     if variant.get("times_doubt"):
         arbitration._lowered = _times_doubt
     if "claim" in variant:
-        arbitration._calibrated = functools.partial(calibrated, claim=variant["claim"])
+        arbitration._calibrated = with_claim(calibrated, variant["claim"])
     try:
         for im, (sources, features) in zip(data.coco["images"], seen):
             iou = None if variant.get("off") else heads.merge_iou
@@ -122,6 +121,11 @@ VARIANTS = {
     "alpha 1.0 (no prototype calibration)": {"alpha": 1.0},
     "alpha 0.5": {"alpha": 0.5},
 }
+
+
+def with_claim(calibrated, claim: float):
+    """``arbitration._calibrated`` at the claim score ``claim``, whatever the merge passes."""
+    return lambda *args, **kwargs: calibrated(*args[:7], claim=claim)
 
 
 def recalibrated(model, folder: Path):

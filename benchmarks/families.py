@@ -24,7 +24,6 @@ and ``families`` in results.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import resource
@@ -37,6 +36,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
+from arbitration import with_claim  # noqa: E402
 from sizes import STEP1, shown, train  # noqa: E402
 
 import detgraft  # noqa: E402
@@ -179,7 +179,7 @@ def claims_on_val(args, name: str) -> list[dict]:
     calibrated = arbitration._calibrated
     try:
         for claim in (None, *CLAIMS):
-            arbitration._calibrated = functools.partial(calibrated, claim=claim or CLAIMS[0])
+            arbitration._calibrated = with_claim(calibrated, claim or CLAIMS[0])
             model = detgraft.load_model(args.runs / f"{name}-all")
             if claim is None:
                 model.merge_iou = None
@@ -339,7 +339,8 @@ def table(rows: dict) -> str:
             "",
             f"{TITLES[family]} step 1 on val (base old AP {base['base_old_ap']:.3f}, old-on-new "
             f"{base['base_old_on_new']}), merge off and at each claim score (the calibrated score a new detection "
-            "needs to lower an old one; detgraft's is 0.5, chosen on Faster R-CNN's val): "
+            "needs to lower an old one; detgraft's: 0.6 for one-stage models, "
+            "`detgraft.arbitration.ONE_STAGE_CLAIM_SCORE`, chosen here; 0.5 for R-CNNs): "
             f"`python benchmarks/families.py --bench ../shared/bench --data $DATA --runs $RUNS --families {family} "
             "--claims`",
             "",

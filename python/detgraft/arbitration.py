@@ -79,6 +79,9 @@ LOWERED = 0.5
 # did not, and it would cost another pass over them)
 MIRRORED_BELOW = 200
 CLAIM_SCORE = KEEPER_SCORE  # a newer detection lowers an older one only from this calibrated score (chosen on val)
+# RetinaNet / FCOS branches (their scores and the classification tower's features): chosen on FCOS's
+# val from 0.5 / 0.6 / 0.7 (benchmarks/RESULTS.md, section families)
+ONE_STAGE_CLAIM_SCORE = 0.6
 MEMORY = 4096  # at most this many features in each memory (evenly spaced over the training objects)
 # each branch's buffers; new_memory and old_memory change length with the data (detgraft.branch.branch_layout)
 ARBITRATION_STATE = ("prototypes", "alpha", "new_memory", "old_memory", "false_alarm_score", "calibrated")
@@ -340,8 +343,10 @@ def merge(
     branches: list[BranchState],
     iou: float | None,
     features: Tensor | None,
+    claim: float = CLAIM_SCORE,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``arbitrate`` on the branches' states: the code that runs, in Python and in TorchScript."""
+    """``arbitrate`` on the branches' states (a newer detection claims from the calibrated score
+    ``claim``): the code that runs, in Python and in TorchScript."""
     boxes = torch.cat([s[0] for s in sources])
     scores = torch.cat([s[1] for s in sources])
     labels = torch.cat([s[2] for s in sources])
@@ -350,7 +355,7 @@ def merge(
         if features is None:
             lowers = _stronger(boxes, scores, source, iou)
         else:
-            scores, lowers = _calibrated(boxes, scores, labels, source, branches, iou, features)
+            scores, lowers = _calibrated(boxes, scores, labels, source, branches, iou, features, claim)
         scores = _lowered(scores, lowers)
     order = _by_score(scores)
     return boxes[order], scores[order], labels[order]

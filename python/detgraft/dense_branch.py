@@ -33,6 +33,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
 from .arbitration import (
+    ONE_STAGE_CLAIM_SCORE,
     Arbitrated,
     BranchState,
     add_arbitration_state,
@@ -195,8 +196,10 @@ class _BranchModel:
         anchors: list[list[Tensor]],
         image_sizes: list[tuple[int, int]],
         tower: list[Tensor],
+        claim: float = ONE_STAGE_CLAIM_SCORE,
     ) -> list[dict[str, Tensor]]:
-        """The base's and the branches' detections (``sources``), merged by the arbitration."""
+        """The base's and the branches' detections (``sources``), merged by the arbitration (a
+        branch's detection claims an old one from the calibrated score ``claim``)."""
         sources = self.sources(head_outputs, anchors, image_sizes)
         states: list[BranchState] = []
         calibrated = True
@@ -214,7 +217,7 @@ class _BranchModel:
         detections: list[dict[str, Tensor]] = []
         for i in range(len(image_sizes)):
             merging = [(s[i]["boxes"], s[i]["scores"], s[i]["labels"]) for s in sources]
-            boxes, scores, labels = merge(merging, states, merge_iou, features[i])
+            boxes, scores, labels = merge(merging, states, merge_iou, features[i], claim)
             n = self.detections_per_img
             detections.append({"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]})
         return detections
