@@ -5,7 +5,7 @@
 
 For the strategies the ``sizes`` section compares (``naive``, ``head`` and the default ``branch``),
 ``detgraft extend --strategy S --lr LR`` with otherwise default settings, on draw 0 of
-``--per-class`` images per new class (10 or 30; ``benchmarks/sizes.py``'s draw), for every LR of
+``--per-class`` images per new class (10, 30 or 50; ``benchmarks/sizes.py``'s draw), for every LR of
 ``GRID``. The runs at a strategy's
 default rate are ``sizes.py``'s own (reused). Every model is scored on val; a strategy's rate is
 the one with the best val score (the mean of old-class AP x base and new-class AP: keeping the old
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=Path("../shared/bench"))
     parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
-    parser.add_argument("--per-class", type=int, choices=(10, 30), default=10)
+    parser.add_argument("--per-class", type=int, choices=(10, 30, 50), default=10)
     parser.add_argument("--from-results", action="store_true", help="only write RESULTS.md's section from results.json")
     args = parser.parse_args()
     if args.from_results:
