@@ -1,6 +1,6 @@
 """How the arbitration was chosen, on val: its parts switched off one at a time.
 
-    python benchmarks/arbitration.py --data $DATA --runs $RUNS    (after benchmarks/sizes.py)
+    python benchmarks/arbitration.py --data $DATA --runs $RUNS [--val2 $VAL2/val.json]    (after benchmarks/sizes.py)
 
 Takes every model that ``benchmarks/sizes.py`` trained (three draws of 10, 30 and 50 images per
 new class, and all images; default settings). One detection pass over ``val`` per model records
@@ -18,8 +18,13 @@ each variant:
   (1.0), without the old memory (every contested old detection under that score lowered), with
   alpha 1.0 (no prototype calibration) or 0.5 for every class, with the lowering before
   ``LOWERED`` (the loser's score times 1 - the winner's), with new claims of any score lowering
-  (before ``CLAIM_SCORE``), and calibrated without the mirror images (a copy of the model
-  calibrated again on the training images alone; where there were none, the default).
+  (before ``CLAIM_SCORE``) or only from 0.7 or 0.8, and calibrated without the mirror images (a
+  copy of the model calibrated again on the training images alone; where there were none, the
+  default).
+
+With ``--val2``, every variant is also scored on a second val set generated with another seed
+(``python ../shared/bench/emojicoco.py --sprites ../shared/bench/sprites --out $VAL2 --seed 1
+--scale 2 --splits val``: 800 images), so that a choice does not rest on one set's noise.
 
 Scores: old-class AP (x the base's on val), new-class AP, old-on-new (chicken/frog objects on
 which an old class fires, score >= 0.5, IoU >= 0.5); a size's cell is the mean over its draws.
@@ -115,6 +120,8 @@ VARIANTS = {
     "default": {},
     "lowered to score x (1 - the winner's score), not x 0.5": {"times_doubt": True},
     "new claims of any score lower (not only >= 0.5)": {"claim": 0.0},
+    "only new claims >= 0.7 lower": {"claim": 0.7},
+    "only new claims >= 0.8 lower": {"claim": 0.8},
     "calibrated without the mirror images": {"unmirrored": True},
     "no false-alarm score (1.0)": {"false_alarm_score": torch.tensor(1.0)},
     "no old memory": {"no_old_memory": True},
@@ -144,54 +151,110 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=Path("../shared/bench"))
     parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
+    parser.add_argument("--val2", type=Path, help="a second val set (another seed's val.json, images/ beside it)")
+    parser.add_argument("--from-results", action="store_true", help="only redraw the section and figure from the json")
     args = parser.parse_args()
-    val = load_dataset(args.data / "val.json", args.data / "images")
+    if args.from_results:
+        return written(json.loads((HERE / "arbitration.json").read_text()))
+    sets = {"val": load_dataset(args.data / "val.json", args.data / "images")}
+    if args.val2:
+        sets["val2"] = load_dataset(args.val2, args.val2.parent / "images")
     b = args.bench
     base = detgraft.load_model(f"{b}/base_model.py:build", b / "base.safetensors", b / "base.json")
-    base_eval = evaluate(base, val, detections=detect(base, val))
-    results = {
-        "base_old_ap": round(base_eval.groups["old"]["ap"], 4),
-        "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in ("chicken", "frog")),
-        "models": {},
-    }
+    results = {"sets": {}, "models": {}}
+    for split, data in sets.items():
+        base_eval = evaluate(base, data, detections=detect(base, data))
+        results["sets"][split] = {
+            "images": len(data.coco["images"]),
+            "base_old_ap": round(base_eval.groups["old"]["ap"], 4),
+            "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in ("chicken", "frog")),
+        }
     for size, folders in MODELS.items():
-        results["models"][size] = {"learned": [], "rows": {name: [] for name in VARIANTS}}
+        results["models"][size] = {"learned": []} | {f"rows_{split}": {name: [] for name in VARIANTS} for split in sets}
         for folder in folders:
-            print("val:", folder, flush=True)
             model = detgraft.load_model(args.runs / folder)
-            seen = record(model, val)
             learned = json.loads((args.runs / folder / "extend.json").read_text())["arbitration"]
             results["models"][size]["learned"].append(learned)
             unmirrored = recalibrated(model, args.runs / folder) if learned.get("mirrored") else None
-            for name, v in VARIANTS.items():
-                results["models"][size]["rows"][name].append(replay(model, val, seen, v, unmirrored))
+            for split, data in sets.items():
+                print(f"{split}:", folder, flush=True)
+                seen = record(model, data)
+                for name, v in VARIANTS.items():
+                    results["models"][size][f"rows_{split}"][name].append(replay(model, data, seen, v, unmirrored))
     (HERE / "arbitration.json").write_text(json.dumps(results, indent=1))
+    written(results)
+
+
+def written(results: dict) -> None:
+    """The ``arbitration`` section of RESULTS.md and its figure, from ``results``."""
+    figure(results, HERE / "arbitration.png")
     write_section("arbitration", table(results))
     print(table(results))
 
 
+def figure(res: dict, path: Path) -> None:
+    """Each variant but merge off as a point (old-on-new cut, old AP x base), one panel per size, one
+    marker per val set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(res["models"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 4.2), sharey=True)
+    colours = plt.get_cmap("tab20").colors
+    for ax, size in zip(axes, sizes):
+        for split, about, marker in zip(res["sets"], res["sets"].values(), "os"):
+            for k, (name, runs) in enumerate(res["models"][size][f"rows_{split}"].items()):
+                if name == "merge off":  # 0% removed, 1.000: far left of the rest
+                    continue
+                cut = 100 * (1 - mean([r["old_on_new"] for r in runs]) / about["base_old_on_new"])
+                old = mean([r["old_ap"] for r in runs]) / about["base_old_ap"]
+                label = name if (ax is axes[0] and split == "val") else None
+                size_pt = 60 if name == "default" else 25
+                ax.scatter(cut, old, color=colours[k % 20], marker=marker, s=size_pt, label=label)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{size} per class" if size != "all" else "all images")
+        ax.set_xlabel("old-class false alarms on new objects removed (%)")
+    axes[0].set_ylabel("old-class AP x base")
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(
+        "Arbitration variants on val (circles) and val2, seed 1 (squares); merge off is at 0% and 1.000. "
+        "Up and right is better"
+    )
+    fig.tight_layout(rect=(0, 0.22, 1, 0.95))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def table(res: dict) -> str:
-    base_ap, base_on = res["base_old_ap"], res["base_old_on_new"]
     sizes = list(res["models"])
     lines = [
         "## How the arbitration was chosen (val)",
         "",
-        "Command: `python benchmarks/arbitration.py --data $DATA --runs $RUNS` (after `benchmarks/sizes.py`): the "
-        "models of every size and draw, one detection pass over val each, `detgraft.arbitration.arbitrate` replayed "
-        f"with each variant. Base on val: old-class AP {base_ap:.3f}, old classes fire on {base_on} chicken/frog "
-        "objects. Cells: old AP x base / new AP / old-on-new, the mean over the draws (3 per few-data size).",
-        "",
-        "| variant | " + " | ".join(f"{s} per class" if s != "all" else "all" for s in sizes) + " |",
-        "|---|" + "---|" * len(sizes),
+        "Command: `python benchmarks/arbitration.py --data $DATA --runs $RUNS --val2 $VAL2/val.json` (after "
+        "`benchmarks/sizes.py`; $VAL2: `../shared/bench/emojicoco.py --seed 1 --scale 2 --splits val --out $VAL2`): "
+        "the models of every size and draw, one detection pass over each val set, "
+        "`detgraft.arbitration.arbitrate` replayed with each variant. Cells: old AP x base / new AP / old-on-new, the "
+        "mean over the draws (3 per few-data size). Figure: [arbitration.png](arbitration.png).",
     ]
-    for name in res["models"][sizes[0]]["rows"]:
-        cells = []
-        for s in sizes:
-            runs = res["models"][s]["rows"][name]
-            old = mean([r["old_ap"] for r in runs]) / base_ap
-            new = mean([r["new_ap"] for r in runs])
-            cells.append(f"{old:.4f} / {new:.3f} / {mean([r['old_on_new'] for r in runs]):.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for split, about in res["sets"].items():
+        lines += [
+            "",
+            f"{'val' if split == 'val' else 'val2 (seed 1)'}, {about['images']} images: base old-class AP "
+            f"{about['base_old_ap']:.3f}, old classes fire on {about['base_old_on_new']} chicken/frog objects.",
+            "",
+            "| variant | " + " | ".join(f"{s} per class" if s != "all" else "all" for s in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for name in res["models"][sizes[0]][f"rows_{split}"]:
+            cells = []
+            for s in sizes:
+                runs = res["models"][s][f"rows_{split}"][name]
+                old = mean([r["old_ap"] for r in runs]) / about["base_old_ap"]
+                new = mean([r["new_ap"] for r in runs])
+                cells.append(f"{old:.4f} / {new:.3f} / {mean([r['old_on_new'] for r in runs]):.1f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Learned on the training images, per draw: new boxes / the base's false alarms on them / old objects; "

@@ -172,6 +172,8 @@ def test_the_default_budget_follows_the_data_and_is_recorded(train, tmp_path):
     assert saved["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto, as it ran
     record = json.loads((tmp_path / "out" / "extend.json").read_text())
     assert record["steps"] == auto_steps(6, 2) and record["arbitration"]["new_boxes"] == 12
+    # which old classes the base fired on the labelled new objects: one count per false alarm
+    assert sum(record["arbitration"]["false_alarm_labels"].values()) == record["arbitration"]["false_alarms"]
     assert bool(detgraft.load_model(tmp_path / "out").roi_heads.branches[0].calibrated)
 
 

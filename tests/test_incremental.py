@@ -288,8 +288,37 @@ def test_calibrate_learns_prototypes_from_the_labelled_boxes():
     torch.testing.assert_close(branch.new_memory[:2], expected)
     assert len(branch.new_memory) == 2 + learned["false_alarms"] and len(branch.old_memory) == learned["old_objects"]
     assert 0 <= learned["false_alarm_score"] <= 1
+    assert sum(learned["false_alarm_labels"].values()) == learned["false_alarms"]
     with pytest.raises(ValueError, match="label"):
         calibrate(model, zip(images(), [TARGETS[0], TARGETS[0]]))  # no frog box
+
+
+def test_calibration_sorts_the_older_detections_into_false_alarms_and_old_objects():
+    from types import SimpleNamespace
+
+    from detgraft.arbitration import _counts, training_objects
+
+    branch = SimpleNamespace(first_label=91, owns=lambda labels: labels >= 91)
+    target = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 50, 10, 60]]),
+        "labels": torch.tensor([91, 16, 92]),
+    }
+    before = {
+        # a bird and a laptop on the chicken, a sure laptop on the frog, a weak cup on the frog,
+        # the labelled bird itself (an old object), a dog half on the frog (neither)
+        "boxes": torch.tensor([[0, 0, 10, 10.5], [1, 0, 10, 10], [0, 50, 10, 60], [0, 50, 10, 61], [50, 50, 60, 60]]),
+        "scores": torch.tensor([0.9, 0.6, 0.97, 0.3, 0.8]),
+        "labels": torch.tensor([16, 73, 73, 47, 16]),
+    }
+    half = {"boxes": torch.tensor([[5, 50, 15, 60.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([18])}
+    before = {k: torch.cat([before[k], half[k]]) for k in before}
+    objects = training_objects([target], [before], branch)
+    assert objects["labels"][0].tolist() == [0, 1]
+    assert objects["false_alarm_labels"][0].tolist() == [16, 73, 73]
+    assert objects["false_alarm_scores"][0].tolist() == pytest.approx([0.9, 0.6, 0.97])
+    assert objects["old"][0].tolist() == [[50, 50, 60, 60]]
+    assert _counts(objects["false_alarm_labels"][0]) == {"73": 2, "16": 1}
+    assert list(_counts(torch.tensor([5, 3, 3, 5, 1]))) == ["3", "5", "1"]  # most frequent first, then by label
 
 
 def test_calibrate_reads_mirror_images_when_asked():

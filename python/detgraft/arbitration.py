@@ -200,13 +200,14 @@ def transformed(model: nn.Module, chunk: list[tuple[Tensor, dict[str, Tensor]]])
 
 def _seen(passes: Iterable[tuple[list, list, Callable]], branch: nn.Module) -> dict[str, Tensor]:
     """The base features of the training objects (``training_objects``) over all ``passes``."""
-    seen: dict[str, list[Tensor]] = {k: [] for k in ("new", "labels", "false_alarms", "false_alarm_scores", "old")}
+    keys = ("new", "labels", "false_alarms", "false_alarm_scores", "false_alarm_labels", "old")
+    seen: dict[str, list[Tensor]] = {k: [] for k in keys}
     for targets, before, features_at in passes:
         objects = training_objects(targets, before, branch)
         for key in ("new", "false_alarms", "old"):
             seen[key].append(features_at(objects[key]))
-        seen["labels"] += objects["labels"]
-        seen["false_alarm_scores"] += objects["false_alarm_scores"]
+        for key in ("labels", "false_alarm_scores", "false_alarm_labels"):
+            seen[key] += objects[key]
     if not seen["labels"]:
         raise ValueError("calibrate needs the training examples; got none")
     return {k: torch.cat(v) for k, v in seen.items()}
@@ -216,8 +217,9 @@ def training_objects(targets: list[dict], before: list[dict], branch: nn.Module)
     """Per image (each value a list over images): the labelled boxes of the branch's classes
     (``new``) and their labels, 0-based in the branch (``labels``); the model's detections before the
     branch (``before``) that score >= ``KEEPER_SCORE`` on those boxes, IoU >= 0.5 (``false_alarms``,
-    with ``false_alarm_scores``) and away from them, IoU < 0.3 (``old``)."""
-    objects: dict[str, list[Tensor]] = {k: [] for k in ("new", "labels", "false_alarms", "false_alarm_scores", "old")}
+    with ``false_alarm_scores`` and ``false_alarm_labels``) and away from them, IoU < 0.3 (``old``)."""
+    keys = ("new", "labels", "false_alarms", "false_alarm_scores", "false_alarm_labels", "old")
+    objects: dict[str, list[Tensor]] = {k: [] for k in keys}
     for t, d in zip(targets, before):
         own = branch.owns(t["labels"])
         confident = d["scores"] >= KEEPER_SCORE
@@ -229,6 +231,7 @@ def training_objects(targets: list[dict], before: list[dict], branch: nn.Module)
         objects["labels"].append(t["labels"][own] - branch.first_label)
         objects["false_alarms"].append(d["boxes"][on_new])
         objects["false_alarm_scores"].append(d["scores"][on_new])
+        objects["false_alarm_labels"].append(d["labels"][on_new])
         objects["old"].append(d["boxes"][confident & (iou < 0.3)])
     return objects
 
@@ -255,6 +258,9 @@ def _fit(branch: nn.Module, seen: dict[str, Tensor], copies: int = 1) -> dict:
         "false_alarms": len(seen["false_alarms"]),
         "old_objects": len(seen["old"]),
         "false_alarm_score": round(false_alarm_score, 4),
+        # which older labels the model fired on the labelled new objects, most often first (each image
+        # and, when mirrored, its mirror image counted): the classes it takes the new ones for
+        "false_alarm_labels": _counts(seen["false_alarm_labels"]),
         "alpha": [round(a, 3) for a in alpha.tolist()],
         # how well the memories separate, each item judged by the others (leave-one-out): the share
         # of old objects nearer to new_memory, and of new_memory nearer to old_memory
@@ -270,6 +276,13 @@ def _fit(branch: nn.Module, seen: dict[str, Tensor], copies: int = 1) -> dict:
         learned,
     )
     return learned
+
+
+def _counts(labels: Tensor) -> dict[str, int]:
+    """``{label: how often}`` over ``labels``, most frequent first (string keys, for JSON)."""
+    found, counts = labels.unique(return_counts=True)
+    pairs = sorted(zip(found.tolist(), counts.tolist()), key=lambda pair: (-pair[1], pair[0]))
+    return {str(label): count for label, count in pairs}
 
 
 def _spread(features: Tensor) -> Tensor:

@@ -294,6 +294,14 @@ def _extend(model, train, settings, out, val, replay, resume):
     if settings.strategy == "branch":
         mirrored = settings.hflip and len(data) < MIRRORED_BELOW
         arbitration = calibrate(model, (data.example(i) for i in range(len(data))), mirrored=mirrored)
+        classes = get_card(model).classes
+        taken_for = ", ".join(f"{classes[int(label)]!r} {n}" for label, n in arbitration["false_alarm_labels"].items())
+        log.info(
+            "before this extension, the model took the labelled %s objects for: %s (score >= 0.5, counted over the "
+            "images read; the false alarms the arbitration learns to lower)",
+            "/".join(names),
+            taken_for or "nothing",
+        )
     save_checkpoint(model, out)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
