@@ -86,6 +86,8 @@ MEMORY = 4096  # at most this many features in each memory (evenly spaced over t
 # each branch's buffers; new_memory and old_memory change length with the data (detgraft.branch.branch_layout)
 ARBITRATION_STATE = ("prototypes", "alpha", "new_memory", "old_memory", "false_alarm_score", "calibrated")
 RETIRED_STATE = ("look_alike", "at_least")  # saved by detgraft 0.x before the memories: ignored, calibrate again
+# what calibration collects from each training image (``training_objects``)
+TRAINING_OBJECTS = ("new", "labels", "false_alarms", "false_alarm_scores", "false_alarm_labels", "old")
 
 
 def add_arbitration_state(branch: nn.Module, num_new: int, like: Tensor, width: int | None = None) -> None:
@@ -200,8 +202,7 @@ def transformed(model: nn.Module, chunk: list[tuple[Tensor, dict[str, Tensor]]])
 
 def _seen(passes: Iterable[tuple[list, list, Callable]], branch: nn.Module) -> dict[str, Tensor]:
     """The base features of the training objects (``training_objects``) over all ``passes``."""
-    keys = ("new", "labels", "false_alarms", "false_alarm_scores", "false_alarm_labels", "old")
-    seen: dict[str, list[Tensor]] = {k: [] for k in keys}
+    seen: dict[str, list[Tensor]] = {k: [] for k in TRAINING_OBJECTS}
     for targets, before, features_at in passes:
         objects = training_objects(targets, before, branch)
         for key in ("new", "false_alarms", "old"):
@@ -218,8 +219,7 @@ def training_objects(targets: list[dict], before: list[dict], branch: nn.Module)
     (``new``) and their labels, 0-based in the branch (``labels``); the model's detections before the
     branch (``before``) that score >= ``KEEPER_SCORE`` on those boxes, IoU >= 0.5 (``false_alarms``,
     with ``false_alarm_scores`` and ``false_alarm_labels``) and away from them, IoU < 0.3 (``old``)."""
-    keys = ("new", "labels", "false_alarms", "false_alarm_scores", "false_alarm_labels", "old")
-    objects: dict[str, list[Tensor]] = {k: [] for k in keys}
+    objects: dict[str, list[Tensor]] = {k: [] for k in TRAINING_OBJECTS}
     for t, d in zip(targets, before):
         own = branch.owns(t["labels"])
         confident = d["scores"] >= KEEPER_SCORE
