@@ -305,13 +305,13 @@ def test_calibration_sorts_the_older_detections_into_false_alarms_and_old_object
     }
     before = {
         # a bird and a laptop on the chicken, a sure laptop on the frog, a weak cup on the frog,
-        # the labelled bird itself (an old object), a dog half on the frog (neither)
-        "boxes": torch.tensor([[0, 0, 10, 10.5], [1, 0, 10, 10], [0, 50, 10, 60], [0, 50, 10, 61], [50, 50, 60, 60]]),
-        "scores": torch.tensor([0.9, 0.6, 0.97, 0.3, 0.8]),
-        "labels": torch.tensor([16, 73, 73, 47, 16]),
+        # the labelled bird itself (an old object), a dog a third on the frog (IoU 0.33: neither)
+        "boxes": torch.tensor(
+            [[0, 0, 10, 10.5], [1, 0, 10, 10], [0, 50, 10, 60], [0, 50, 10, 61], [50, 50, 60, 60], [5, 50, 15, 60]]
+        ),
+        "scores": torch.tensor([0.9, 0.6, 0.97, 0.3, 0.8, 0.9]),
+        "labels": torch.tensor([16, 73, 73, 47, 16, 18]),
     }
-    half = {"boxes": torch.tensor([[5, 50, 15, 60.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([18])}
-    before = {k: torch.cat([before[k], half[k]]) for k in before}
     objects = training_objects([target], [before], branch)
     assert objects["labels"][0].tolist() == [0, 1]
     assert objects["false_alarm_labels"][0].tolist() == [16, 73, 73]
