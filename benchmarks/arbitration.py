@@ -1,6 +1,7 @@
 """How the arbitration was chosen, on val: its parts switched off one at a time.
 
-    python benchmarks/arbitration.py --data $DATA --runs $RUNS [--val2 $VAL2/val.json]    (after benchmarks/sizes.py)
+    python benchmarks/arbitration.py --data $DATA --runs $RUNS [--val2 $VAL2/val.json] [--old-images-only]
+    (after benchmarks/sizes.py)
 
 Takes every model that ``benchmarks/sizes.py`` trained (three draws of 10, 30 and 50 images per
 new class, and all images; default settings). One detection pass over ``val`` per model records
@@ -20,7 +21,11 @@ each variant:
   ``LOWERED`` (the loser's score times 1 - the winner's), with new claims of any score lowering
   (before ``CLAIM_SCORE``) or only from 0.7 or 0.8, and calibrated without the mirror images (a
   copy of the model calibrated again on the training images alone; where there were none, the
-  default).
+  default);
+- with old-class images: a copy calibrated as ``detgraft extend --old-images`` does, with the
+  ``OLD_IMAGES`` (300) images evenly spaced over ``base_train`` (base classes only, as COCO images
+  are for a COCO model), each contested detection compared with the k-th nearest old object, k =
+  share x old memory / new memory (``detgraft.arbitration.old_rank``; share 0: the nearest).
 
 With ``--val2``, every variant is also scored on a second val set generated with another seed
 (``python ../shared/bench/emojicoco.py --sprites ../shared/bench/sprites --out $VAL2 --seed 1
@@ -49,6 +54,8 @@ from _results import write_section  # noqa: E402
 import detgraft  # noqa: E402
 from detgraft import arbitration, branch  # noqa: E402
 from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
+from detgraft.extend import OLD_IMAGES, _spaced  # noqa: E402
+from detgraft.image_files import load_image  # noqa: E402
 from detgraft.training_data import TrainingSet  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -78,11 +85,12 @@ def _times_doubt(scores, lowers):
     return scores * torch.where(lowers, doubt, torch.zeros_like(doubt)).sum(1).exp()
 
 
-def replay(model, data, seen, variant: dict, unmirrored=None) -> dict:
-    """Scores the detections ``arbitrate`` gives under ``variant`` (``unmirrored``: the model
-    calibrated without mirror images)."""
+def replay(model, data, seen, variant: dict, copies: dict | None = None) -> dict:
+    """Scores the detections ``arbitrate`` gives under ``variant`` (``copies``: the model calibrated
+    otherwise, by the variant's ``calibrated`` key: without mirror images, with old-class images)."""
     heads = model.roi_heads
-    b = (unmirrored if variant.get("unmirrored") and unmirrored is not None else model).roi_heads.branches[0]
+    other = (copies or {}).get(variant.get("calibrated"))
+    b = (other if other is not None else model).roi_heads.branches[0]
     fake = SimpleNamespace(
         first_label=b.first_label,
         prototypes=b.prototypes,
@@ -92,9 +100,11 @@ def replay(model, data, seen, variant: dict, unmirrored=None) -> dict:
         alpha=torch.full_like(b.alpha, variant["alpha"]) if "alpha" in variant else b.alpha,
     )
     detections = {}
-    lowered, calibrated = arbitration._lowered, arbitration._calibrated
+    lowered, calibrated, old_rank = arbitration._lowered, arbitration._calibrated, arbitration.old_rank
     if variant.get("times_doubt"):
         arbitration._lowered = _times_doubt
+    if "share" in variant:
+        arbitration.old_rank = lambda old, new: old_rank(old, new, variant["share"])
     if "claim" in variant:
         arbitration._calibrated = with_claim(calibrated, variant["claim"])
     try:
@@ -105,7 +115,7 @@ def replay(model, data, seen, variant: dict, unmirrored=None) -> dict:
             n = heads.detections_per_img
             detections[im["id"]] = {"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]}
     finally:
-        arbitration._lowered, arbitration._calibrated = lowered, calibrated
+        arbitration._lowered, arbitration._calibrated, arbitration.old_rank = lowered, calibrated, old_rank
     ev = evaluate(model, data, detections=detections)
     return {
         "old_ap": round(ev.groups["old"]["ap"], 4),
@@ -122,11 +132,20 @@ VARIANTS = {
     "new claims of any score lower (not only >= 0.5)": {"claim": 0.0},
     "only new claims >= 0.7 lower": {"claim": 0.7},
     "only new claims >= 0.8 lower": {"claim": 0.8},
-    "calibrated without the mirror images": {"unmirrored": True},
+    "calibrated without the mirror images": {"calibrated": "unmirrored"},
     "no false-alarm score (1.0)": {"false_alarm_score": torch.tensor(1.0)},
     "no old memory": {"no_old_memory": True},
     "alpha 1.0 (no prototype calibration)": {"alpha": 1.0},
     "alpha 0.5": {"alpha": 0.5},
+    f"with {OLD_IMAGES} old-class images (--old-images), k-th old neighbour share 0.5": {
+        "calibrated": "old_images",
+        "share": 0.5,
+    },
+    f"with {OLD_IMAGES} old-class images, share {arbitration.OLD_RANK_SHARE} (the default's)": {
+        "calibrated": "old_images"
+    },
+    f"with {OLD_IMAGES} old-class images, share 1.0": {"calibrated": "old_images", "share": 1.0},
+    f"with {OLD_IMAGES} old-class images, nearest old neighbour (share 0)": {"calibrated": "old_images", "share": 0.0},
 }
 
 
@@ -135,15 +154,17 @@ def with_claim(calibrated, claim: float):
     return lambda *args, **kwargs: calibrated(*args[:7], claim=claim)
 
 
-def recalibrated(model, folder: Path):
-    """A copy of ``model`` calibrated on its training images alone (no mirror images)."""
+def recalibrated(model, folder: Path, mirrored: bool = False, old_images: list[Path] = ()):
+    """A copy of ``model`` calibrated again on its training images, as ``detgraft extend`` does with
+    ``--old-images`` (``mirrored`` as it trained), or without the mirror images and old images."""
     settings = json.loads((folder / "settings.json").read_text())
     train = load_dataset(settings["train"], Path(settings["train"]).parent / "images")
     ids = {c["name"]: c["id"] for c in train.coco["categories"]}
     data = TrainingSet(train, {ids[name]: label for name, label in settings["mapping"].items()})
-    plain = copy.deepcopy(model)
-    arbitration.calibrate(plain, (data.example(i) for i in range(len(data))))
-    return plain
+    other = copy.deepcopy(model)
+    images = (load_image(p).float().div(255) for p in old_images)
+    arbitration.calibrate(other, (data.example(i) for i in range(len(data))), mirrored=mirrored, old_images=images)
+    return other
 
 
 def main() -> None:
@@ -153,14 +174,28 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
     parser.add_argument("--val2", type=Path, help="a second val set (another seed's val.json, images/ beside it)")
     parser.add_argument("--from-results", action="store_true", help="only redraw the section and figure from the json")
+    parser.add_argument(
+        "--old-images-only",
+        action="store_true",
+        help="replay only the default and the old-class-image variants; keep the other rows of arbitration.json",
+    )
     args = parser.parse_args()
     if args.from_results:
         return written(json.loads((HERE / "arbitration.json").read_text()))
+    chosen = {
+        name: v
+        for name, v in VARIANTS.items()
+        if not args.old_images_only or name == "default" or v.get("calibrated") == "old_images"
+    }
     sets = {"val": load_dataset(args.data / "val.json", args.data / "images")}
     if args.val2:
         sets["val2"] = load_dataset(args.val2, args.val2.parent / "images")
+    # old-class images: base_train's, which show no chicken or frog (a COCO model's user: COCO images)
+    base_train = load_dataset(args.data / "base_train.json", args.data / "images")
+    old_images = _spaced(sorted(base_train.images / im["file_name"] for im in base_train.coco["images"]), OLD_IMAGES)
     b = args.bench
     base = detgraft.load_model(f"{b}/base_model.py:build", b / "base.safetensors", b / "base.json")
+    earlier = json.loads((HERE / "arbitration.json").read_text()) if args.old_images_only else None
     results = {"sets": {}, "models": {}}
     for split, data in sets.items():
         base_eval = evaluate(base, data, detections=detect(base, data))
@@ -171,16 +206,29 @@ def main() -> None:
         }
     for size, folders in MODELS.items():
         results["models"][size] = {"learned": []} | {f"rows_{split}": {name: [] for name in VARIANTS} for split in sets}
+        if earlier:  # the rows not replayed now
+            for split in sets:
+                for name in VARIANTS.keys() - chosen.keys():
+                    results["models"][size][f"rows_{split}"][name] = earlier["models"][size][f"rows_{split}"][name]
         for folder in folders:
             model = detgraft.load_model(args.runs / folder)
             learned = json.loads((args.runs / folder / "extend.json").read_text())["arbitration"]
             results["models"][size]["learned"].append(learned)
-            unmirrored = recalibrated(model, args.runs / folder) if learned.get("mirrored") else None
+            unmirrored = learned.get("mirrored") and "calibrated without the mirror images" in chosen
+            copies = {
+                "unmirrored": recalibrated(model, args.runs / folder) if unmirrored else None,
+                "old_images": recalibrated(model, args.runs / folder, learned.get("mirrored", False), old_images),
+            }
             for split, data in sets.items():
                 print(f"{split}:", folder, flush=True)
                 seen = record(model, data)
-                for name, v in VARIANTS.items():
-                    results["models"][size][f"rows_{split}"][name].append(replay(model, data, seen, v, unmirrored))
+                for name, v in chosen.items():
+                    results["models"][size][f"rows_{split}"][name].append(replay(model, data, seen, v, copies))
+    for split in (earlier or {}).get("sets", {}).keys() - sets.keys():  # a val set not read now: its earlier rows
+        results["sets"][split] = earlier["sets"][split]
+        for size in MODELS:
+            rows = earlier["models"][size][f"rows_{split}"]
+            results["models"][size][f"rows_{split}"] = {name: rows.get(name, []) for name in VARIANTS}
     (HERE / "arbitration.json").write_text(json.dumps(results, indent=1))
     written(results)
 
@@ -206,7 +254,7 @@ def figure(res: dict, path: Path) -> None:
     for ax, size in zip(axes, sizes):
         for split, about, marker in zip(res["sets"], res["sets"].values(), "os"):
             for k, (name, runs) in enumerate(res["models"][size][f"rows_{split}"].items()):
-                if name == "merge off":  # 0% removed, 1.000: far left of the rest
+                if name == "merge off" or not runs:  # merge off: 0% removed, 1.000, far left of the rest
                     continue
                 cut = 100 * (1 - mean([r["old_on_new"] for r in runs]) / about["base_old_on_new"])
                 old = mean([r["old_ap"] for r in runs]) / about["base_old_ap"]
@@ -236,7 +284,11 @@ def table(res: dict) -> str:
         "`benchmarks/sizes.py`; $VAL2: `../shared/bench/emojicoco.py --seed 1 --scale 2 --splits val --out $VAL2`): "
         "the models of every size and draw, one detection pass over each val set, "
         "`detgraft.arbitration.arbitrate` replayed with each variant. Cells: old AP x base / new AP / old-on-new, the "
-        "mean over the draws (3 per few-data size). Figure: [arbitration.png](arbitration.png).",
+        "mean over the draws (3 per few-data size). Figure: [arbitration.png](arbitration.png). The default and the "
+        "old-class-image rows were replayed last, on val only, with `--old-images-only` and without `--val2` (the "
+        "other rows are kept from the full run before; the default's rows are the same in both; on val2 the "
+        "old-class-image rows were not run). Share 0.7 is chosen on val: the variant that removes the most false "
+        "alarms while keeping old AP >= 1.000x the base's at every size.",
     ]
     for split, about in res["sets"].items():
         lines += [
@@ -251,6 +303,9 @@ def table(res: dict) -> str:
             cells = []
             for s in sizes:
                 runs = res["models"][s][f"rows_{split}"][name]
+                if not runs:
+                    cells.append("not run")
+                    continue
                 old = mean([r["old_ap"] for r in runs]) / about["base_old_ap"]
                 new = mean([r["new_ap"] for r in runs])
                 cells.append(f"{old:.4f} / {new:.3f} / {mean([r['old_on_new'] for r in runs]):.1f}")

@@ -13,9 +13,12 @@ objects (chicken and frog; for step 2 duck, turtle and penguin) on which an old 
 (``merge_iou`` None: the base's detections as they are). With ``--others naive head``, those
 strategies are trained on draw 0 of each few-data size the same way (``--strategy``, otherwise the
 defaults) and scored beside it (``naive:10`` only at 10 images per class); without ``--others`` their
-earlier rows in ``results.json`` are kept. Writes ``sizes`` and ``step2.branch`` into
-``benchmarks/results.json`` and the ``sizes`` section of ``benchmarks/RESULTS.md``. Finished
-runs in ``--runs`` are reused (delete a folder to redo it).
+earlier rows in ``results.json`` are kept. With ``--old-images $DATA/old_images`` (made by
+``--link-old-images``: links to base_train's images, base classes only), every size and draw is also
+trained with ``detgraft extend --old-images`` and scored the same way; without it, those rows are
+kept. Writes ``sizes`` and ``step2.branch`` into ``benchmarks/results.json`` and the ``sizes``
+section of ``benchmarks/RESULTS.md``. Finished runs in ``--runs`` are reused (delete a folder to
+redo it).
 """
 
 from __future__ import annotations
@@ -135,11 +138,25 @@ def main() -> None:
     parser.add_argument(
         "--others", nargs="*", default=[], help="strategies also trained on draw 0 of each size (naive:10: at 10 only)"
     )
+    parser.add_argument(
+        "--old-images",
+        type=Path,
+        help="also train every size and draw with --old-images of this folder (base_train's images: "
+        "python benchmarks/sizes.py --link-old-images)",
+    )
+    parser.add_argument(
+        "--link-old-images", action="store_true", help="make $DATA/old_images: links to base_train's images, then stop"
+    )
+    parser.add_argument(
+        "--old-images-only", action="store_true", help="with --old-images: only those runs; keep every other row"
+    )
     args = parser.parse_args()
     args.bench, args.data, args.runs = args.bench.resolve(), args.data.resolve(), args.runs.resolve()
     results = json.loads((HERE / "results.json").read_text())
     if args.from_results:
         return write_section("sizes", table(results))
+    if args.link_old_images:
+        return link_old_images(args.data)
     b = args.bench
     base_args = [
         "--base",
@@ -149,6 +166,8 @@ def main() -> None:
         "--classes",
         f"{b}/base.json",
     ]
+    if args.old_images_only:
+        return with_old_images_only(args, base_args, results)
     runs = {}
     for k in SIZES:
         for d in DRAWS:
@@ -157,6 +176,7 @@ def main() -> None:
     # the cap of --steps auto, chosen on val: the all-data run at the previous cap of 600
     longer = train(args, args.runs / "all-steps600", args.data / "new_train.json", base_args, ("--steps", "600"))
     step2 = train(args, args.runs / "step2", args.data / "step2_train.json", ["--base", str(args.runs / "all")])
+    with_old = trained_with_old_images(args, base_args) if args.old_images else {}
     others = {}
     for item in args.others:
         strategy, _, sizes_given = item.partition(":")
@@ -187,6 +207,7 @@ def main() -> None:
     print("scoring step 2", flush=True)
     step2_row = scored(args.runs / "step2", test, STEP2, merge_off=True)
     step2_row |= {k: step2[k] for k in ("seconds", "peak_rss_mb", "steps", "command")}
+    earlier_old = results.get("sizes", {}).get("old_images")
     kept = {"others": results["sizes"]["others"]} if "others" in results.get("sizes", {}) and not others else {}
     results["sizes"] = (
         sizes
@@ -198,6 +219,11 @@ def main() -> None:
         }
     )
     results["step2"]["branch"] = results["step2"].get("branch", {}) | step2_row
+    if with_old:
+        results["sizes"]["old_images"] = {}
+    elif earlier_old:  # without --old-images their earlier rows are kept
+        results["sizes"]["old_images"] = earlier_old
+    score_old_images(args, with_old, test, results)
     for (strategy, k), run in others.items():
         print("scoring", strategy, k, flush=True)
         got = scored(args.runs / f"{strategy}-k{k}-draw0", test, STEP1, merge_off=False)
@@ -215,6 +241,58 @@ def main() -> None:
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     write_section("sizes", table(results))
     print(table(results))
+
+
+def trained_with_old_images(args, base_args: list[str]) -> dict:
+    """Every size and draw trained with ``--old-images`` (the runs' extend.json by (size, draw))."""
+    flags = ("--old-images", str(args.old_images.resolve()))
+    runs = {}
+    for k in SIZES:
+        for d in DRAWS:
+            out = args.runs / f"k{k}-draw{d}-old-images"
+            runs[(str(k), d)] = train(args, out, draw(args.data, k, d), base_args, flags)
+    runs[("all", 0)] = train(args, args.runs / "all-old-images", args.data / "new_train.json", base_args, flags)
+    return runs
+
+
+def score_old_images(args, runs: dict, test, results: dict) -> None:
+    """``results["sizes"]["old_images"]``: the ``runs`` with ``--old-images``, scored on ``test``."""
+    if runs:
+        results["sizes"]["old_images"] = {}
+    for (k, d), run in runs.items():
+        print("scoring with old images", k, d, flush=True)
+        folder = args.runs / ("all-old-images" if k == "all" else f"k{k}-draw{d}-old-images")
+        row = results["sizes"]["old_images"].setdefault(
+            k, {"old_ap": [], "new_ap": [], "old_on_new": [], "seconds": [], "commands": []}
+        )
+        got = scored(folder, test, STEP1, merge_off=False)
+        for key in ("old_ap", "new_ap", "old_on_new"):
+            row[key].append(got[key])
+        row["seconds"].append(run["seconds"])
+        row["commands"].append(run["command"])
+
+
+def with_old_images_only(args, base_args: list[str], results: dict) -> None:
+    """``--old-images-only``: the ``--old-images`` runs alone, every other row of results.json kept."""
+    if not args.old_images:
+        raise SystemExit("--old-images-only needs --old-images")
+    runs = trained_with_old_images(args, base_args)
+    score_old_images(args, runs, load_dataset(args.data / "test.json", args.data / "images"), results)
+    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    write_section("sizes", table(results))
+    print(table(results))
+
+
+def link_old_images(data: Path) -> None:
+    """``data/old_images``: a link to each of base_train's images (base classes only, no chicken or
+    frog: what COCO images are to a COCO model)."""
+    folder = data / "old_images"
+    folder.mkdir(exist_ok=True)
+    for im in json.loads((data / "base_train.json").read_text())["images"]:
+        link = folder / Path(im["file_name"]).name
+        if not link.exists():
+            link.symlink_to(data / "images" / im["file_name"])
+    print(folder, len(list(folder.iterdir())), "images")
 
 
 def table(results: dict) -> str:
@@ -250,6 +328,27 @@ def table(results: dict) -> str:
         )
     lines += ["", "Commands, in the order of the rows:", ""]
     lines += [f"- `{c}`" for k in (*map(str, SIZES), "all") for c in s[k]["commands"]]
+    if s.get("old_images"):
+        lines += [
+            "",
+            "With images of the old classes: the same runs with `--old-images $DATA/old_images` (links to "
+            "`base_train`'s 4000 images, which show base classes only, as COCO images do for a COCO model; `extend` "
+            "reads 300 of them, evenly spaced, no labels; `python benchmarks/sizes.py --bench ../shared/bench --data "
+            "$DATA --runs $RUNS --old-images $DATA/old_images --old-images-only`, after `--link-old-images`). The "
+            "trained weights are the default runs' bit for bit; only the arbitration's old memory differs.",
+            "",
+            "| images per class | old AP x base | new AP | old-on-new (cut) | train s |",
+            "|---|---|---|---|---|",
+        ]
+        for k, r in s["old_images"].items():
+            ratio = [a / base_ap for a in r["old_ap"]]
+            on = mean(r["old_on_new"])
+            lines.append(
+                f"| {k} | {spread(ratio, '.4f')} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.1%}) | "
+                f"{spread(r['seconds'], '.0f')} |"
+            )
+        lines += ["", "Their commands:", ""]
+        lines += [f"- `{c}`" for r in s["old_images"].values() for c in r["commands"]]
     cap = dict(s.get("step_cap_val", {}))
     if cap:
         base_val = cap.pop("base_old_ap")

@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--images", help="folder of the json's file_names")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", default="runs/torchvision_loop")
+    parser.add_argument("--old-images", help="optional: images of the old classes (none of the new; no labels)")
     args = parser.parse_args()
     if args.base is None:
         args.base, args.train, args.images = demo_inputs(Path(tempfile.mkdtemp(prefix="detgraft-loop-")))
@@ -106,10 +107,19 @@ def main() -> None:
     # --- end of the tutorial ---
 
     # detgraft line 3: learn from the training images who owns an object the base and the branch both claim
-    detgraft.calibrate(model, dataset)
+    # (and from images of the old classes, if you have some: the old objects it must keep)
+    detgraft.calibrate(model, dataset, old_images=old_class_images(args.old_images))
 
     detgraft.save_checkpoint(model, args.out)
     print("saved", args.out)
+
+
+def old_class_images(folder: str | None, most: int = 300):
+    """Up to ``most`` images of ``folder`` as float tensors in 0..1 (none without a folder)."""
+    if folder is None:
+        return []
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:most]
+    return (decode_image(str(p), mode=ImageReadMode.RGB).float() / 255 for p in files)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
+from torchvision.io import write_png
 
 import detgraft
 from conftest import TINY_BUILDER, write_coco
 from detgraft.cli import _parser, main
 from detgraft.extend import ExtendSettings, auto_lr, extend
+from detgraft.image_files import ImageError
 from tiny_model import build
+from tiny_model import images as tiny_images
 
 
 @pytest.fixture
@@ -175,6 +178,31 @@ def test_the_default_budget_follows_the_data_and_is_recorded(train, tmp_path):
     # which old classes the base fired on the labelled new objects: one count per false alarm
     assert sum(record["arbitration"]["false_alarm_labels"].values()) == record["arbitration"]["false_alarms"]
     assert bool(detgraft.load_model(tmp_path / "out").roi_heads.branches[0].calibrated)
+
+
+def test_old_class_images_reach_the_arbitration_and_are_recorded(train, tmp_path):
+    from detgraft.extend import OLD_IMAGES
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for i, image in enumerate(tiny_images(OLD_IMAGES + 2, seed=3)):
+        write_png((image * 255).byte(), str(folder / f"old_{i:03d}.png"))
+    files = sorted(folder.iterdir())
+    extend(base_model(), train, settings(strategy="branch"), out=tmp_path / "out", old_images=files)
+    saved = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert saved["old_images"] == {"files": OLD_IMAGES, "folder": str(folder)}  # at most OLD_IMAGES, evenly spaced
+    assert "old_image_objects" in json.loads((tmp_path / "out" / "extend.json").read_text())["arbitration"]
+    with pytest.raises(ValueError, match="--strategy naive"):
+        extend(base_model(), train, settings(), out=tmp_path / "naive", old_images=files)
+    (folder / "old_000.png").write_bytes(b"not a png")
+    with pytest.raises(ImageError, match="old_000.png"):  # found before training, named
+        extend(base_model(), train, settings(strategy="branch"), out=tmp_path / "bad", old_images=files)
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["extend", "--base", TINY_BUILDER, "--train", str(tmp_path / "train.json"), "--out", str(tmp_path / "x"),
+            "--old-images", str(empty)]  # fmt: skip
+    assert main(argv) == 2
 
 
 def test_the_default_learning_rate_follows_the_strategy_and_family(train, tmp_path):

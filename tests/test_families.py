@@ -333,6 +333,10 @@ def test_one_stage_branch_keeps_the_base_bit_for_bit(name):
     examples = list(zip(pictures(), _targets(name, [False])))
     learned = detgraft.calibrate(model, examples)
     assert bool(model.head.branches[0].calibrated) and learned["new_boxes"] == 2  # a chicken and a frog
+    # old-class images: the base's confident detections there join the old memory
+    more = detgraft.calibrate(model, examples, old_images=pictures())
+    assert len(model.head.branches[0].old_memory) == more["old_objects"] + more["old_image_objects"]
+    assert more["old_objects"] == learned["old_objects"] and more["new_boxes"] == 2
     assert model.head.branches[0].prototypes.shape == (2, model.head.classification_head.cls_logits.in_channels)
     merged = detect(model, pictures())
     for b, m in zip(before, merged):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -271,6 +272,46 @@ def test_calibrated_arbitration_gives_an_object_to_what_it_looks_like():
     assert got[(100, 2)] == old[1][5].item() and got[(100, 6)] == pytest.approx(calibrated[4] * 0.5)
 
 
+def test_a_large_old_memory_is_read_at_its_kth_nearest_object():
+    from types import SimpleNamespace
+
+    from detgraft.arbitration import BranchState, arbitrate, merge, old_rank
+
+    assert old_rank(45, 88) == old_rank(88, 88) == 1 and old_rank(1000, 100) == 7  # 0.7 x 1000 / 100
+    at = lambda degrees: [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]  # noqa: E731
+    box = lambda x: [x, 0.0, x + 10, 10]  # noqa: E731
+    # the base's detections: a bird at 40 degrees (cos 0.77 to the new memory) and one at 80 (cos 0.17);
+    # the branch claims both confidently
+    old = (torch.tensor([box(0), box(20)]), torch.tensor([0.9, 0.9]), torch.tensor([2, 2]))
+    new = (torch.tensor([box(0.5), box(20.5)]), torch.tensor([0.99, 0.99]), torch.tensor([6, 6]))
+    features = torch.tensor([at(40), at(80), at(0), at(0)])
+
+    def merged(old_memory):
+        branch = SimpleNamespace(
+            first_label=6,
+            prototypes=torch.tensor([at(0)]),
+            alpha=torch.tensor([0.7]),
+            new_memory=torch.tensor([at(0)]),
+            old_memory=torch.tensor(old_memory),
+            false_alarm_score=torch.tensor(0.95),
+        )
+        boxes, scores, labels = arbitrate([old, new], [branch], 0.5, features)
+        return {(int(b[0]), int(label)): float(s) for b, s, label in zip(boxes, scores, labels)}
+
+    # one old object at 45 degrees: the nearest, so the bird at 40 is kept
+    kept = old[1][0].item()  # the base's score, untouched
+    assert merged([at(45)])[(0, 2)] == kept
+    # that one among ten at 90 degrees: the 7th nearest (cos 0.64) counts, and the bird at 40 looks new
+    got = merged([at(45)] + [at(90)] * 9)
+    assert got[(0, 2)] == pytest.approx(0.9 * 0.5)
+    assert got[(20, 2)] == kept  # the bird at 80 has seven old objects nearer than the new one
+    # TorchScript (detgraft export) reads the k-th neighbour too
+    state = BranchState(6, *(torch.tensor(x) for x in ([at(0)], [0.7], [at(0)], [at(45)] + [at(90)] * 9, 0.95)))
+    scripted = torch.jit.script(merge)([old, new], [state], 0.5, features)
+    for a, b in zip(scripted, merge([old, new], [state], 0.5, features)):
+        assert torch.equal(a, b)
+
+
 def test_calibrate_learns_prototypes_from_the_labelled_boxes():
     from detgraft.arbitration import calibrate
 
@@ -319,6 +360,24 @@ def test_calibration_sorts_the_older_detections_into_false_alarms_and_old_object
     assert objects["old"][0].tolist() == [[50, 50, 60, 60]]
     assert _counts(objects["false_alarm_labels"][0]) == {"73": 2, "16": 1}
     assert list(_counts(torch.tensor([5, 3, 3, 5, 1]))) == ["3", "5", "1"]  # most frequent first, then by label
+
+
+def test_calibrate_adds_the_old_class_images_detections_to_the_old_memory_only(monkeypatch):
+    from detgraft import arbitration
+
+    monkeypatch.setattr(arbitration, "KEEPER_SCORE", 0.0)  # the untrained tiny base scores low: every detection
+    model = incremental(widened(), "branch")
+    train(model, steps=1, losses={"loss_classifier", "loss_box_reg"})
+    branch = model.roi_heads.branches[0]
+    plain = arbitration.calibrate(model, zip(images(), TARGETS))
+    before = {k: getattr(branch, k).clone() for k in ("prototypes", "new_memory", "old_memory")}
+    learned = arbitration.calibrate(model, zip(images(), TARGETS), old_images=images())
+    assert plain["old_image_objects"] == 0 and learned["old_image_objects"] > 0
+    # the same images unlabelled: each detection is an old object, also those on the labelled boxes
+    assert learned["old_image_objects"] >= learned["old_objects"] == plain["old_objects"]
+    assert len(branch.old_memory) == learned["old_objects"] + learned["old_image_objects"]
+    assert torch.equal(branch.old_memory[: plain["old_objects"]], before["old_memory"])
+    assert torch.equal(branch.prototypes, before["prototypes"]) and torch.equal(branch.new_memory, before["new_memory"])
 
 
 def test_calibrate_reads_mirror_images_when_asked():

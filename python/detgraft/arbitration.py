@@ -23,10 +23,11 @@ At inference (``arbitrate``), with f the base feature at a detection's box:
 2. where an older detection (the base's, or an earlier branch's) and a confident newer one
    (calibrated score >= ``KEEPER_SCORE``) overlap with IoU >= ``iou``, the older one is lowered
    (its score times ``LOWERED``, 0.5) only if its box is nearer to ``new_memory`` than to
-   ``old_memory`` (nearest neighbour, cosine) and it scores no higher than ``false_alarm_score``: it
-   looks like the new objects and the base's false alarms on them more than like any old object
-   seen, and the base is no surer than it ever was about a false alarm. A newer detection that is
-   not confident itself never lowers an older one;
+   ``old_memory`` (cosine; the nearest new object against the nearest old one, or, when the old
+   memory is the larger, against its k-th nearest, k = ``OLD_RANK_SHARE`` x old / new: ``old_rank``)
+   and it scores no higher than ``false_alarm_score``: it looks like the new objects and the base's
+   false alarms on them more than like the old objects seen, and the base is no surer than it ever
+   was about a false alarm. A newer detection that is not confident itself never lowers an older one;
 3. otherwise a newer detection that scores lower than an overlapping older one is lowered the same way.
 
 Lowered, not removed: a lowered detection falls below ``KEEPER_SCORE``, so it no longer counts as
@@ -36,11 +37,14 @@ the weak detections instead of at the bottom. The base's detections are otherwis
 other score, box or label changes. With few training images the old memory is thin (20 images
 hold a few dozen old objects of 80 classes), so ``detgraft extend`` calibrates on each image and
 its mirror image when it trained with flips and on fewer than ``MIRRORED_BELOW`` images
-(``calibrate(..., mirrored=True)``). A branch that was never calibrated falls back to the plain
+(``calibrate(..., mirrored=True)``), and reads images of the old classes when the user has some
+(``calibrate(..., old_images=...)``, ``detgraft extend --old-images``: a few hundred COCO images for a
+COCO model; no labels). A branch that was never calibrated falls back to the plain
 soft merge (the stronger claim wins) and ``calibrate`` is logged as missing. How the rule was
 chosen, on val: ``benchmarks/arbitration.py``.
 """
 
+import functools
 import itertools
 import logging
 from collections import OrderedDict
@@ -82,6 +86,10 @@ CLAIM_SCORE = KEEPER_SCORE  # a newer detection lowers an older one only from th
 # RetinaNet / FCOS branches (their scores and the classification tower's features): chosen on FCOS's
 # val from 0.5 / 0.6 / 0.7 (benchmarks/RESULTS.md, section families)
 ONE_STAGE_CLAIM_SCORE = 0.6
+_NO_LABELS = torch.zeros(0, dtype=torch.int64)
+# an old memory k times the new one's size is read at its (OLD_RANK_SHARE * k)-th nearest neighbour
+# (``old_rank``; chosen on val from 0.5 / 0.7 / 1 with old-class images: benchmarks/arbitration.py)
+OLD_RANK_SHARE = 0.7
 MEMORY = 4096  # at most this many features in each memory (evenly spaced over the training objects)
 # each branch's buffers; new_memory and old_memory change length with the data (detgraft.branch.branch_layout)
 ARBITRATION_STATE = ("prototypes", "alpha", "new_memory", "old_memory", "false_alarm_score", "calibrated")
@@ -137,13 +145,18 @@ def calibrate(
     examples: Iterable[tuple[Tensor, dict[str, Tensor]]],
     batch: int = 8,
     mirrored: bool = False,
+    old_images: Iterable[Tensor] = (),
 ) -> dict:
     """Learns the newest branch's prototypes, memories and false-alarm score from ``examples``
     (``(image, target)`` pairs as a torchvision detection dataset yields them, labels in the
     model's label space: the training images). Call it after training, with the images the branch
     learned from; ``detgraft extend`` does. With ``mirrored``, each example's left-right mirror
     image is read too (for training with flips on fewer than ``MIRRORED_BELOW`` images; alpha still
-    counts each labelled box once). Returns what it learned (also logged)."""
+    counts each labelled box once). ``old_images``: images (float ``[3, H, W]`` in 0..1) that show
+    old classes and none of the new ones, such as a few hundred COCO images for a COCO model; no
+    labels needed: the model's confident detections there join the old memory, which a few
+    training images leave thin (``detgraft extend --old-images``). Returns what it learned (also
+    logged)."""
     from .branch import BranchRoIHeads
     from .dense_branch import dense_calibration_pass, is_dense_branch_model
 
@@ -157,11 +170,16 @@ def calibrate(
     try:
         if is_dense_branch_model(model):
             branch = model.head.branches[-1]
-            passes = dense_calibration_pass(model, examples, batch)
+            passes = functools.partial(dense_calibration_pass, model)
         else:
             branch = heads.branches[-1]
-            passes = _rcnn_pass(model, heads, branch, examples, batch)
-        return _fit(branch, _seen(passes, branch), copies=2 if mirrored else 1)
+            passes = functools.partial(_rcnn_pass, model, heads, branch)
+        seen = _seen(passes(examples, batch), branch)
+        if not seen["labels"].numel():
+            raise ValueError("calibrate needs the training examples; got none")
+        unlabelled = ((image, {"boxes": image.new_zeros(0, 4), "labels": _NO_LABELS}) for image in old_images)
+        seen["old_images"] = _seen(passes(unlabelled, batch), branch)["old"]
+        return _fit(branch, seen, copies=2 if mirrored else 1)
     finally:
         model.train(was_training)
 
@@ -201,7 +219,8 @@ def transformed(model: nn.Module, chunk: list[tuple[Tensor, dict[str, Tensor]]])
 
 
 def _seen(passes: Iterable[tuple[list, list, Callable]], branch: nn.Module) -> dict[str, Tensor]:
-    """The base features of the training objects (``training_objects``) over all ``passes``."""
+    """The base features of the training objects (``training_objects``) over all ``passes`` (empty
+    when there were none)."""
     seen: dict[str, list[Tensor]] = {k: [] for k in TRAINING_OBJECTS}
     for targets, before, features_at in passes:
         objects = training_objects(targets, before, branch)
@@ -209,8 +228,8 @@ def _seen(passes: Iterable[tuple[list, list, Callable]], branch: nn.Module) -> d
             seen[key].append(features_at(objects[key]))
         for key in ("labels", "false_alarm_scores", "false_alarm_labels"):
             seen[key] += objects[key]
-    if not seen["labels"]:
-        raise ValueError("calibrate needs the training examples; got none")
+    if not seen["new"]:  # no image at all
+        return {k: torch.zeros(0) for k in TRAINING_OBJECTS}
     return {k: torch.cat(v) for k, v in seen.items()}
 
 
@@ -248,7 +267,8 @@ def _fit(branch: nn.Module, seen: dict[str, Tensor], copies: int = 1) -> dict:
     boxes = torch.bincount(labels, minlength=num_new).to(feats) / copies
     alpha = boxes / (boxes + PRIOR_BOXES)
     new_memory = _spread(torch.cat([feats, seen["false_alarms"]]))
-    old_memory = _spread(seen["old"])
+    old_images = seen["old_images"]
+    old_memory = _spread(torch.cat([seen["old"], old_images.to(seen["old"])]) if len(old_images) else seen["old"])
     scores = seen["false_alarm_scores"]
     false_alarm_score = scores.max().item() if len(scores) else 0.0
     set_arbitration(branch, prototypes, alpha, new_memory, old_memory, false_alarm_score)
@@ -257,6 +277,7 @@ def _fit(branch: nn.Module, seen: dict[str, Tensor], copies: int = 1) -> dict:
         "mirrored": copies == 2,
         "false_alarms": len(seen["false_alarms"]),
         "old_objects": len(seen["old"]),
+        "old_image_objects": len(old_images),  # the model's confident detections on ``old_images``
         "false_alarm_score": round(false_alarm_score, 4),
         # which older labels the model fired on the labelled new objects, most often first (each image
         # and, when mirrored, its mirror image counted): the classes it takes the new ones for
@@ -268,11 +289,12 @@ def _fit(branch: nn.Module, seen: dict[str, Tensor], copies: int = 1) -> dict:
         "new_like_old": _share_nearer(new_memory, old_memory),
     }
     log.info(
-        "arbitration calibrated on %d new boxes%s, %d false alarms of the base on them and %d old objects: %s",
+        "arbitration calibrated on %d new boxes%s, %d false alarms of the base on them and %d old objects%s: %s",
         learned["new_boxes"],
         " (and their mirror images)" if copies == 2 else "",
         len(seen["false_alarms"]),
         len(seen["old"]),
+        f" (and {len(old_images)} on the old-class images)" if len(old_images) else "",
         learned,
     )
     return learned
@@ -301,11 +323,22 @@ def _share_nearer(own: Tensor, other: Tensor) -> float | None:
     return round((_nearest(own, other) > within.max(1).values).float().mean().item(), 3)
 
 
-def _nearest(features: Tensor, memory: Tensor) -> Tensor:
-    """Each row's cosine to its nearest ``memory`` row (-2 when the memory is empty)."""
+def _nearest(features: Tensor, memory: Tensor, rank: int = 1) -> Tensor:
+    """Each row's cosine to its nearest ``memory`` row, or with ``rank`` k its k-th nearest (-2 when
+    the memory is empty)."""
     if len(memory) == 0:
         return torch.full_like(features[:, 0], -2.0)
-    return (features @ memory.T).amax(1)
+    if rank == 1:
+        return (features @ memory.T).amax(1)
+    return (features @ memory.T).topk(min(rank, memory.shape[0]), dim=1).values[:, -1]
+
+
+def old_rank(old: int, new: int, share: float = OLD_RANK_SHARE) -> int:
+    """Which nearest neighbour in an old memory of ``old`` objects weighs as much as the nearest in a
+    new memory of ``new``: the nearest of many objects is nearer than the nearest of few, so a
+    contested detection is compared with the k-th nearest old object, k = ``share`` * old / new
+    (rounded, at least 1). 1 whenever the old memory is the smaller one."""
+    return max(1, int(share * old / max(new, 1) + 0.5))
 
 
 def chunks(items: Iterable, size: int):
@@ -425,7 +458,8 @@ def _calibrated(
         claims = overlap & older & (source == k + 1)[None, :] & (scores >= claim)[None, :]
         contested = torch.nonzero(claims.any(1)).flatten()
         f = features[contested]
-        looks_new = (_nearest(f, branch.new_memory) > _nearest(f, branch.old_memory)) & (
+        rank = old_rank(branch.old_memory.shape[0], branch.new_memory.shape[0])
+        looks_new = (_nearest(f, branch.new_memory) > _nearest(f, branch.old_memory, rank)) & (
             scores[contested] <= branch.false_alarm_score
         )
         false_alarm = torch.zeros_like(claims[:, 0]).index_put((contested,), looks_new)

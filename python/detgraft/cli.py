@@ -5,6 +5,7 @@
     detgraft eval MODEL --data DATA [--images DIR] [--compare BASE] [--out DIR]
     detgraft drift MODEL --base BASE --images DIR
     detgraft extend --base MODEL --train DATA [--train DATA ...] [--images DIR] [--val DATA] --out DIR
+                    [--old-images DIR]
     detgraft data check DATA [DATA ...] [--json FILE]
     detgraft export MODEL --out FILE [--format torchscript]
     detgraft demo [--out runs/demo] [--quick]
@@ -117,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--val", help="old and new classes labelled (any format): AP and report.html at the end")
     ex.add_argument("--replay", help="annotated old-class images to mix in (any format)")
+    ex.add_argument(
+        "--old-images",
+        help="branch: a folder of images that show old classes and none of the new ones (a few hundred COCO images "
+        "for a COCO model; no labels): the arbitration learns there what old objects look like, and lowers fewer",
+    )
     ex.add_argument("--out", required=True, help="folder for the checkpoint, settings, log and report")
     ex.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _settings_flags(ex)
@@ -223,9 +229,12 @@ def _extend(args: argparse.Namespace) -> int:
     train = read_checked(args.train, args.images, args.skip_bad, args.categories)
     val = read_checked([args.val], args.images, args.skip_bad) if args.val else None
     replay = read_checked([args.replay], args.images, args.skip_bad) if args.replay else None
+    old_images = find_images(args.old_images) if args.old_images else None
+    if old_images == []:
+        raise FileNotFoundError(f"--old-images {args.old_images!r} holds no image (.jpg, .png, ...; not in subfolders)")
     model = load_model(args.base, args.weights, args.classes, trust_pickle=args.trust_pickle)
     try:
-        extend(model, train, settings, out=args.out, val=val, replay=replay, resume=args.resume)
+        extend(model, train, settings, out=args.out, val=val, replay=replay, resume=args.resume, old_images=old_images)
     except KeyboardInterrupt as stop:
         log.warning("%s", stop or f"interrupted; continue with --resume (checkpoint {args.out}/last)")
         return 130

@@ -35,6 +35,7 @@ from .card import UNUSED, get_card, normalize_name
 from .checkpoint import save_checkpoint
 from .data_check import check_dataset
 from .evaluate import Dataset
+from .image_files import image_size, load_image
 from .incremental import STRATEGIES, check_strategy, incremental
 from .surgery import INITS, expand_predictor
 from .training_data import TrainingSet, training_batches
@@ -52,6 +53,9 @@ AUTO_LR = {"branch": 0.05, "head": 0.05, "naive": 0.01, "pseudo": 0.01, "distill
 # 0.01 / 0.02 / 0.05 with FCOS (benchmarks/RESULTS.md, section families)
 AUTO_LR_ONE_STAGE = {"branch": 0.01}
 EXISTING = ("error", "train", "ignore")
+# --old-images: at most this many are read (300 EmojiCOCO images: ~1100 old objects, ~15 s on 2 CPU cores;
+# 100 to 1000 of them did about as well on val: benchmarks/RESULTS.md, section arbitration)
+OLD_IMAGES = 300
 AMP = ("auto", "bf16", "fp16", "off")
 
 
@@ -178,8 +182,13 @@ def extend(
     val: Dataset | None = None,
     replay: Dataset | None = None,
     resume: bool = False,
+    old_images: list[str | Path] | None = None,
 ) -> nn.Module:
     """Adds ``train``'s categories to ``model`` and fine-tunes it with ``settings.strategy``.
+
+    ``old_images`` (branch): image files that show old classes and none of the new ones (a few
+    hundred COCO images for a COCO model; no labels): the arbitration's old memory learns from the
+    model's detections there (``detgraft.calibrate``), at most ``OLD_IMAGES`` of them, evenly spaced.
 
     Writes to ``out``: the checkpoint (``model.safetensors``, ``detgraft.json``), ``settings.json``,
     ``mapping.json`` (category -> label), ``extend.log``, ``extend.json`` (time, peak memory,
@@ -203,7 +212,7 @@ def extend(
     fast_ops = ops.everywhere() if settings.device == "cpu" else contextlib.nullcontext()
     try:
         with fast_ops:
-            return _extend(model, train, settings, out, val, replay, resume)
+            return _extend(model, train, settings, out, val, replay, resume, old_images)
     except FloatingPointError as err:  # said in extend.log too, where the run's story is
         log.error("%s", err)
         raise
@@ -215,7 +224,7 @@ def extend(
             handler.close()
 
 
-def _extend(model, train, settings, out, val, replay, resume):
+def _extend(model, train, settings, out, val, replay, resume, old_images):
     start = time.perf_counter()
     rank, processes = distributed.world()
     if settings.batch_size % processes:
@@ -256,6 +265,13 @@ def _extend(model, train, settings, out, val, replay, resume):
         "mapping": mapping,
         "replay": str(replay.images) if replay else None,
     }
+    if old_images:
+        if settings.strategy != "branch":
+            raise ValueError(f"--old-images teaches the branch's arbitration; --strategy {settings.strategy} has none")
+        old_images = _spaced(sorted(Path(p) for p in old_images), OLD_IMAGES)
+        for path in old_images:  # found out now, not after training
+            image_size(path)
+        saved["old_images"] = {"files": len(old_images), "folder": str(old_images[0].parent)}
     if resume:
         _check_resume(out, saved)
     if rank == 0:
@@ -293,7 +309,12 @@ def _extend(model, train, settings, out, val, replay, resume):
     arbitration = None
     if settings.strategy == "branch":
         mirrored = settings.hflip and len(data) < MIRRORED_BELOW
-        arbitration = calibrate(model, (data.example(i) for i in range(len(data))), mirrored=mirrored)
+        arbitration = calibrate(
+            model,
+            (data.example(i) for i in range(len(data))),
+            mirrored=mirrored,
+            old_images=(load_image(p).float().div(255) for p in old_images or ()),
+        )
         classes = get_card(model).classes
         taken_for = ", ".join(f"{classes[int(label)]!r} {n}" for label, n in arbitration["false_alarm_labels"].items())
         log.info(
@@ -323,6 +344,13 @@ def _extend(model, train, settings, out, val, replay, resume):
     if val is not None:
         _evaluate(model, val, out, settings.device, before)
     return model
+
+
+def _spaced(items: list, most: int) -> list:
+    """At most ``most`` of ``items``, evenly spaced."""
+    if len(items) <= most:
+        return items
+    return [items[round(k * (len(items) - 1) / (most - 1))] for k in range(most)]
 
 
 def _checked(data: Dataset | None) -> Dataset | None:
