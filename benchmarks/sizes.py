@@ -219,9 +219,7 @@ def main() -> None:
         }
     )
     results["step2"]["branch"] = results["step2"].get("branch", {}) | step2_row
-    if with_old:
-        results["sizes"]["old_images"] = {}
-    elif earlier_old:  # without --old-images their earlier rows are kept
+    if earlier_old and not with_old:  # without --old-images their earlier rows are kept
         results["sizes"]["old_images"] = earlier_old
     score_old_images(args, with_old, test, results)
     for (strategy, k), run in others.items():

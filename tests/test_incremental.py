@@ -309,7 +309,7 @@ def test_a_large_old_memory_is_read_at_its_kth_nearest_object():
     state = BranchState(6, *(torch.tensor(x) for x in ([at(0)], [0.7], [at(0)], [at(45)] + [at(90)] * 9, 0.95)))
     scripted = torch.jit.script(merge)([old, new], [state], 0.5, features)
     for a, b in zip(scripted, merge([old, new], [state], 0.5, features)):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b)
 
 
 def test_calibrate_learns_prototypes_from_the_labelled_boxes():
