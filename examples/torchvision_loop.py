@@ -20,6 +20,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 import detgraft
+from detgraft.predict import find_images
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -115,11 +116,11 @@ def main() -> None:
 
 
 def old_class_images(folder: str | None, most: int = 300):
-    """Up to ``most`` images of ``folder`` as float tensors in 0..1 (none without a folder)."""
+    """Up to ``most`` images of ``folder`` (``detgraft.predict.find_images``) as float tensors in 0..1 (none without
+    a folder)."""
     if folder is None:
         return []
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:most]
-    return (decode_image(str(p), mode=ImageReadMode.RGB).float() / 255 for p in files)
+    return (decode_image(str(p), mode=ImageReadMode.RGB).float() / 255 for p in find_images(folder)[:most])
 
 
 if __name__ == "__main__":

@@ -86,7 +86,6 @@ CLAIM_SCORE = KEEPER_SCORE  # a newer detection lowers an older one only from th
 # RetinaNet / FCOS branches (their scores and the classification tower's features): chosen on FCOS's
 # val from 0.5 / 0.6 / 0.7 (benchmarks/RESULTS.md, section families)
 ONE_STAGE_CLAIM_SCORE = 0.6
-_NO_LABELS = torch.zeros(0, dtype=torch.int64)
 # an old memory k times the new one's size is read at its (OLD_RANK_SHARE * k)-th nearest neighbour
 # (``old_rank``; chosen on val from 0.5 / 0.7 / 1 with old-class images: benchmarks/arbitration.py)
 OLD_RANK_SHARE = 0.7
@@ -177,7 +176,8 @@ def calibrate(
         seen = _seen(passes(examples, batch), branch)
         if not seen["labels"].numel():
             raise ValueError("calibrate needs the training examples; got none")
-        unlabelled = ((image, {"boxes": image.new_zeros(0, 4), "labels": _NO_LABELS}) for image in old_images)
+        nothing = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}  # moved by ``transformed``
+        unlabelled = ((image, nothing) for image in old_images)
         seen["old_images"] = _seen(passes(unlabelled, batch), branch)["old"]
         return _fit(branch, seen, copies=2 if mirrored else 1)
     finally:
