@@ -152,7 +152,7 @@ VARIANTS = {
     "alpha 0.5": {"alpha": 0.5},
     "only where the nearest new object is at cosine >= 0.85": {"nearest_new_from": 0.85},
     "only where the nearest new object is at cosine >= 0.9": {"nearest_new_from": 0.9},
-    "false-alarm score at most 0.95": {"false_alarm_score": torch.tensor(0.95), "at_most": True},
+    "false-alarm score at most 0.95": {"false_alarm_cap": 0.95},
     f"with {OLD_IMAGES} old-class images (--old-images), k-th old neighbour share 0.5": {
         "calibrated": "old_images",
         "share": 0.5,
@@ -182,12 +182,10 @@ def nearest_new_from(nearest, new_memory, floor: float):
 
 
 def _false_alarm_score(b, variant: dict):
-    """The false-alarm score the variant replays with: its own, capped by it (``at_most``), or the model's."""
-    if "false_alarm_score" not in variant:
-        return b.false_alarm_score
-    if variant.get("at_most"):
-        return torch.minimum(b.false_alarm_score, variant["false_alarm_score"])
-    return variant["false_alarm_score"]
+    """The false-alarm score the variant replays with: its own, or the model's (at most ``false_alarm_cap``)."""
+    if "false_alarm_score" in variant:
+        return variant["false_alarm_score"]
+    return b.false_alarm_score.clamp(max=variant.get("false_alarm_cap", 1.0))
 
 
 def with_claim(calibrated, claim: float):
