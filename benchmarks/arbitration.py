@@ -242,6 +242,7 @@ def main() -> None:
             "base_old_ap": round(base_eval.groups["old"]["ap"], 4),
             "base_old_on_new": sum(c.count for c in base_eval.confusions if c.new_class in ("chicken", "frog")),
         }
+    with_old = any(v.get("calibrated") == "old_images" for v in chosen.values())  # a copy with old-class images
     for size, folders in MODELS.items():
         results["models"][size] = {"learned": []} | {f"rows_{split}": {name: [] for name in VARIANTS} for split in sets}
         if earlier:  # the rows not replayed now
@@ -255,7 +256,9 @@ def main() -> None:
             unmirrored = learned.get("mirrored") and "calibrated without the mirror images" in chosen
             copies = {
                 "unmirrored": recalibrated(model, args.runs / folder) if unmirrored else None,
-                "old_images": recalibrated(model, args.runs / folder, learned.get("mirrored", False), old_images),
+                "old_images": recalibrated(model, args.runs / folder, learned.get("mirrored", False), old_images)
+                if with_old
+                else None,
             }
             for split, data in sets.items():
                 print(f"{split}:", folder, flush=True)
