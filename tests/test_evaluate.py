@@ -4,7 +4,9 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -213,3 +215,115 @@ def test_eval_command_writes_json_and_a_report_a_browser_renders(tmp_path):
         [browser, *flags, f"--screenshot={shot}", "--window-size=1200,2000", page], capture_output=True, timeout=120
     )
     assert shot.stat().st_size > 20_000  # a page with figures, not a blank one
+
+
+def _eval_json(tmp_path, data: str, model_args: list[str], name: str, *extra: str) -> dict:
+    out = tmp_path / name
+    assert main(["eval", *model_args, "--data", data, "--out", str(out), "--score", "0.1", *extra]) == 0
+    return json.loads((out / "eval.json").read_text())
+
+
+def _truth_from_detections(tmp_path, model, name: str, seed: int) -> Path:
+    """A COCO json whose boxes are ``model``'s own detections on 4 noise images (PNGs in
+    ``tmp_path/images``): one kept as it is, one moved by a few pixels, one object added that it
+    misses, so that AP is neither 0 nor 1. Boxes are not whole pixels, as in real exports."""
+    from detgraft.image_files import load_image
+
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 10 + k, "name": n} for k, n in enumerate(NAMES)]}
+    coco["categories"] = [c for c in coco["categories"] if c["name"] not in ("__background__", "N/A")]
+    category = {c["name"]: c["id"] for c in coco["categories"]}
+    for i, image in enumerate(images(4, seed=seed), start=1):
+        file = folder / f"{name}_{i}.png"
+        write_png((image * 255).byte(), str(file))
+        coco["images"].append({"id": i, "file_name": file.name, "width": 64, "height": 64})
+        with torch.no_grad():
+            found = model.eval()([load_image(str(file)).float() / 255])[0]
+        real = [k for k, label in enumerate(found["labels"].tolist()) if NAMES[label] not in ("N/A",)][:2]
+        assert real, "the tiny model detects nothing: the comparison would prove nothing"
+        boxes = [(found["labels"][k].item(), found["boxes"][k].tolist()) for k in real]
+        boxes[-1] = (boxes[-1][0], [v + 2.5 for v in boxes[-1][1]])  # moved: a hit at IoU 0.5, not at 0.95
+        boxes.append((1, [3.25, 40.5, 20.75, 60.125]))  # a person it misses
+        for label, (x0, y0, x1, y1) in boxes:
+            x1, y1 = min(x1, 64.0), min(y1, 64.0)
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": i,
+                    "category_id": category[NAMES[label]],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "iscrowd": 0,
+                }
+            )  # no "area": many exports leave it out
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_voc_and_yolo_data_score_exactly_as_the_same_coco_json(tmp_path):
+    """COCO json -> Pascal VOC and YOLO (detgraft.writers) -> ``detgraft eval``: the same AP for
+    every class and group, to the last digit; a data.yaml is scored on its val split, never silently
+    on train."""
+    from detgraft.evaluate import load_dataset
+    from detgraft.writers import write_voc, write_yolo
+
+    weights, classes = tmp_path / "tiny.safetensors", tmp_path / "names.json"
+    safetensors.torch.save_file(build().state_dict(), str(weights))
+    classes.write_text(json.dumps(NAMES))
+    model = detgraft.load_model(TINY_BUILDER, weights, classes)
+    model_args = [TINY_BUILDER, "--weights", str(weights), "--classes", str(classes)]
+    val_json = _truth_from_detections(tmp_path, model, "val", seed=3)
+    train_json = _truth_from_detections(tmp_path, model, "train", seed=4)
+    val, train = load_dataset(val_json, tmp_path / "images"), load_dataset(train_json, tmp_path / "images")
+    voc = write_voc(val, tmp_path / "voc")
+    yolo = write_yolo(train, tmp_path / "yolo", split="train")
+    write_yolo(val, tmp_path / "yolo", split="val")
+
+    coco_result = _eval_json(tmp_path, str(val_json), model_args, "coco", "--images", str(tmp_path / "images"))
+    ap = [c["ap"] for c in coco_result["classes"]]
+    assert 0.05 < coco_result["groups"]["all"]["ap"] < 0.95 and len(set(ap)) > 1, ap  # a score that can differ
+    for name, data in (("voc", str(voc)), ("yolo", str(yolo / "data.yaml")), ("yolo-dir", str(yolo))):
+        result = _eval_json(tmp_path, data, model_args, name)
+        assert result["classes"] == coco_result["classes"], name
+        assert result["groups"] == coco_result["groups"], name
+    on_train = _eval_json(tmp_path, f"{yolo / 'data.yaml'}:train", model_args, "yolo-train")
+    train_result = _eval_json(tmp_path, str(train_json), model_args, "coco-train", "--images", str(tmp_path / "images"))
+    assert on_train["groups"] == train_result["groups"] != coco_result["groups"]
+
+
+def test_a_data_yaml_without_the_split_asked_for_is_an_error(tmp_path, caplog):
+    from detgraft.readers import read_dataset
+    from detgraft.writers import write_yolo
+
+    data = dataset(tmp_path, GT, CATEGORIES)
+    yolo = write_yolo(data, tmp_path / "yolo", split="train")
+    assert len(read_dataset(yolo / "data.yaml").coco["images"]) == 2  # train, for training
+    with pytest.raises(ValueError, match=r"has no 'val' split \(it has train\).*data.yaml:train"):
+        read_dataset(yolo, split="val")
+    assert main(["eval", TINY_BUILDER, "--data", str(yolo), "--out", str(tmp_path / "eval")]) == 2
+    assert "no 'val' split" in caplog.text
+
+
+def test_difficult_objects_are_neither_hit_nor_miss(tmp_path):
+    """VOC ``difficult`` (COCO ``iscrowd``): a detection on it does not count as a false alarm, and
+    missing it does not count as a miss; the same AP as data without it and without that detection."""
+    from detgraft.evaluate import coco_eval
+    from detgraft.readers import read_dataset
+    from detgraft.writers import write_voc
+
+    plain = [(1, 1, [5, 5, 20, 20]), (2, 1, [10, 30, 15, 15])]
+    data = dataset(tmp_path, [*plain, (1, 1, [30, 30, 20, 25]), (2, 1, [40, 2, 20, 10])], CATEGORIES)
+    for a in data.coco["annotations"][2:]:
+        a["iscrowd"] = 1  # difficult
+    voc = read_dataset(write_voc(data, tmp_path / "voc"))
+    assert [a["iscrowd"] for a in voc.coco["annotations"]] == [0, 1, 0, 1]  # by image: 1, 1, 2, 2
+    hit_difficult = [(1, 1, [30, 30, 20, 25], 0.9), (2, 1, [10, 30, 15, 15], 0.8), (1, 1, [5, 5, 20, 20], 0.3)]
+    rows = [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in hit_difficult]
+    reported = (slice(None), slice(None), 0, 0, -1)  # [T, R, class, area "all", 100 detections]: what detgraft reports
+    with_difficult = coco_eval(voc.coco, rows, [1])[0][reported]
+    without = {**data.coco, "annotations": data.coco["annotations"][:2]}
+    alone = coco_eval(without, [r for r in rows if r["score"] != 0.9], [1])[0][reported]
+    assert np.array_equal(with_difficult, alone)
+    as_false_alarm = coco_eval(without, rows, [1])[0][reported]
+    assert not np.array_equal(with_difficult, as_false_alarm)  # counted, it would lower precision

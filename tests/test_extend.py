@@ -147,6 +147,25 @@ def test_extend_command_writes_checkpoint_settings_log_and_evaluation(train, tmp
     assert main(argv[:-6] + ["--strategy", "everything"]) == 2  # a clear error, not a traceback
 
 
+def test_extend_scores_a_voc_val_exactly_as_eval_scores_the_same_coco_json(train, tmp_path):
+    from detgraft.writers import write_voc
+
+    weights = tmp_path / "tiny.safetensors"
+    safetensors.torch.save_file(build().state_dict(), str(weights))
+    val = write_coco(tmp_path, "val", ["class_1", "chicken"], [[2, 2, 20, 20], [4, 4, 30, 30]], count=3)
+    voc = write_voc(val, tmp_path / "voc")
+    out = tmp_path / "out"
+    argv = ["extend", "--base", TINY_BUILDER, "--weights", str(weights), "--train", str(tmp_path / "train.json"),
+            "--images", str(tmp_path / "images"), "--val", str(voc), "--out", str(out),
+            "--steps", "2", "--batch-size", "2", "--lr", "0.01"]  # fmt: skip
+    assert main(argv) == 0
+    data = ["--data", str(tmp_path / "val.json"), "--images", str(tmp_path / "images")]
+    assert main(["eval", str(out), *data, "--out", str(tmp_path / "eval"), "--score", "0.5"]) == 0
+    during, after = (json.loads((p / "eval.json").read_text()) for p in (out, tmp_path / "eval"))
+    assert {c["name"] for c in after["classes"]} == {"class_1", "chicken"}
+    assert during["classes"] == after["classes"] and during["groups"] == after["groups"]
+
+
 def test_extend_with_val_of_new_classes_only_reports_without_a_before(train, tmp_path):
     val = write_coco(tmp_path, "val", ["chicken"], [[4, 4, 30, 30]], count=2)  # no class the base has
     extend(base_model(), train, settings(steps=1), out=tmp_path / "out", val=val)

@@ -72,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=_predict)
 
     ev = sub.add_parser("eval", parents=[model], help="COCO AP per class and group, confusions, report.html")
-    ev.add_argument("--data", required=True, help="the labelled images: COCO json, Pascal VOC or YOLO")
+    ev.add_argument(
+        "--data",
+        required=True,
+        help="the labelled images: COCO json, Pascal VOC or YOLO (a data.yaml's val split; data.yaml:test for another)",
+    )
     ev.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
     ev.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (counted)")
     ev.add_argument("--categories", help="only these categories of --data, renamed with name=new: 'hen=chicken,frog'")
@@ -108,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         "--train",
         required=True,
         action="append",
-        help="labels of the new classes (their categories): COCO json, Pascal VOC or YOLO; repeat to combine",
+        help="labels of the new classes (their categories): COCO json, Pascal VOC or YOLO (a data.yaml's train "
+        "split; data.yaml:NAME for another); repeat to combine",
     )
     ex.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
     ex.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (counted)")
@@ -116,7 +121,10 @@ def _parser() -> argparse.ArgumentParser:
         "--categories",
         help="only these categories of --train (the classes to add), renamed with name=new: 'hen=chicken,frog'",
     )
-    ex.add_argument("--val", help="old and new classes labelled (any format): AP and report.html at the end")
+    ex.add_argument(
+        "--val",
+        help="old and new classes labelled (any format; a data.yaml's val split): AP and report.html at the end",
+    )
     ex.add_argument("--replay", help="annotated old-class images to mix in (any format)")
     ex.add_argument(
         "--old-images",
@@ -131,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check a dataset before training or scoring")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="images, boxes per class, sizes and every problem, with what happens")
-    check.add_argument("paths", nargs="+", help="COCO json, Pascal VOC or YOLO datasets")
+    check.add_argument(
+        "paths", nargs="+", help="COCO json, Pascal VOC or YOLO datasets (a data.yaml's train split; data.yaml:val ...)"
+    )
     check.add_argument("--images", help="a COCO json's image folder (default: images/ beside it, or its folder)")
     check.add_argument("--skip-bad", action="store_true", help="count unreadable images as left out, not as errors")
     check.add_argument("--json", help="also write the reports to this JSON file")
@@ -227,7 +237,7 @@ def _extend(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # under torchrun rank 0 reports the data check (and all the rest)
         logging.getLogger("detgraft").setLevel(logging.WARNING)
     train = read_checked(args.train, args.images, args.skip_bad, args.categories)
-    val = read_checked([args.val], args.images, args.skip_bad) if args.val else None
+    val = read_checked([args.val], args.images, args.skip_bad, split="val") if args.val else None
     replay = read_checked([args.replay], args.images, args.skip_bad) if args.replay else None
     old_images = find_images(args.old_images) if args.old_images else None
     if old_images == []:
@@ -315,15 +325,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_checked(paths: list[str], images: str | None, skip_bad: bool, categories: str | None = None):
-    """The datasets at ``paths`` read, checked (a problem to fix raises ``DataError``), narrowed to
-    ``categories`` (``choose_categories``) and combined."""
+def read_checked(
+    paths: list[str], images: str | None, skip_bad: bool, categories: str | None = None, split: str = "train"
+):
+    """The datasets at ``paths`` read (a YOLO data.yaml's ``split`` unless a path names one:
+    ``data.yaml:test``), checked (a problem to fix raises ``DataError``), narrowed to ``categories``
+    (``choose_categories``) and combined."""
     from .data_check import check_dataset
     from .readers import choose_categories, combine, read_dataset
 
     checked = []
     for path in paths:
-        data, report = check_dataset(read_dataset(path, images), skip_bad=skip_bad)
+        data, report = check_dataset(read_dataset(path, images, split), skip_bad=skip_bad)
         if categories:
             data = choose_categories(data, categories)
         counts = ", ".join(f"{k} {n}" for k, n in report.counts().items()) or "no problems"
@@ -376,7 +389,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import compare, detect, evaluate
     from .report import write_evaluation
 
-    data = read_checked([args.data], args.images, args.skip_bad, args.categories)
+    data = read_checked([args.data], args.images, args.skip_bad, args.categories, split="val")
     model = _load(args)
     detections = detect(model, data, device=args.device)
     result = evaluate(model, data, detections=detections, evaluator=args.evaluator, score=args.score)

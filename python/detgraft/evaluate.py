@@ -180,7 +180,7 @@ def coco_eval(
     iou_type: str = "bbox",
 ) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval's ``precision`` [T, R, K, A, M] and ``recall`` [T, K, A, M] for ``category_ids``
-    (``iou_type`` "bbox" or "segm")."""
+    (``iou_type`` "bbox" or "segm"), column k for ``category_ids[k]`` (COCOeval itself sorts them)."""
     if evaluator == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -191,7 +191,7 @@ def coco_eval(
         raise ValueError(f"evaluator must be one of {EVALUATORS}; got {evaluator!r}")
     with contextlib.redirect_stdout(io.StringIO()):
         ground = COCO()
-        ground.dataset = json.loads(json.dumps(gt))
+        ground.dataset = scorable(gt)
         ground.createIndex()
         dets = ground.loadRes(results) if results else COCO()
         if not results:  # no detections at all: every class scores 0
@@ -201,7 +201,21 @@ def coco_eval(
         ev.params.catIds = category_ids
         ev.evaluate()
         ev.accumulate()
-    return np.asarray(ev.eval["precision"]), np.asarray(ev.eval["recall"])
+    column = [list(ev.params.catIds).index(c) for c in category_ids]
+    return np.asarray(ev.eval["precision"])[:, :, column], np.asarray(ev.eval["recall"])[:, column]
+
+
+def scorable(coco: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``coco`` with what COCOeval reads and labelling tools often leave out filled in:
+    ``area`` from the box (width x height; COCOeval uses it only to sort objects into size ranges,
+    and every box is in the "all" range detgraft reports) and ``iscrowd`` 0. VOC and YOLO data, and
+    COCO json exported without them, so score exactly as COCO json that has them."""
+    gt = json.loads(json.dumps(coco))
+    for a in gt["annotations"]:
+        if "area" not in a:
+            a["area"] = float(a["bbox"][2] * a["bbox"][3])
+        a.setdefault("iscrowd", 0)
+    return gt
 
 
 def _mean(x: np.ndarray) -> float:

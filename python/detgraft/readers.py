@@ -8,10 +8,18 @@ and the folder its file names are relative to. ``read_dataset`` tells the format
 - a folder with ``Annotations/`` (the VOC layout) or ``*.xml`` files, or a VOC ``ImageSets/Main/*.txt``
   split: Pascal VOC (classes in name order; ``difficult`` objects become ``iscrowd``: left out of
   training and of scoring);
-- a folder with ``data.yaml`` (its ``train`` images), a ``data.yaml`` itself, or a YOLO images
-  folder (``.../images/...``, labels in the matching ``.../labels/...``): YOLO, class names from
-  ``data.yaml`` (or ``classes.txt``), normalised ``class cx cy w h`` (a polygon's box for
-  segmentation lines) turned into pixels with the upright image's size.
+- a folder with ``data.yaml``, a ``data.yaml`` itself, or a YOLO images folder (``.../images/...``,
+  labels in the matching ``.../labels/...``): YOLO, class names from ``data.yaml`` (or
+  ``classes.txt``), normalised ``class cx cy w h`` (a polygon's box for segmentation lines) turned
+  into pixels with the upright image's size. A ``data.yaml`` is read by split: the caller's
+  ``split`` (``train`` to train on, ``val`` to score), or the one named after a colon,
+  ``data.yaml:test``; a split the yaml does not have is an error, never another split's images.
+
+VOC ``difficult`` objects become ``iscrowd`` 1: left out of training, and scored as COCOeval scores
+crowd regions, neither hit nor miss. Two small differences from VOC's own devkit: a detection's
+overlap with such an object is its intersection over the detection's area (COCO's crowd rule, where
+VOC takes intersection over union), and a detection is matched to an object that is not difficult
+first when it overlaps both.
 
 ``combine`` joins several into one; ``choose_categories`` keeps and renames some (``--categories``).
 The readers only read: what is wrong inside (a string where a
@@ -39,14 +47,15 @@ __all__ = ["choose_categories", "combine", "read_coco", "read_dataset", "read_vo
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def read_dataset(path: str | Path, images: str | Path | None = None) -> Dataset:
-    path = Path(path)
+def read_dataset(path: str | Path, images: str | Path | None = None, split: str = "train") -> Dataset:
+    """The dataset at ``path``; ``split`` chooses a YOLO ``data.yaml``'s split (``path:split`` overrides)."""
+    path, split = _split_suffix(Path(path), split)
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist")
     if path.suffix.lower() == ".json":
         return read_coco(path, images)
     if path.suffix.lower() in (".yaml", ".yml") or (path / "data.yaml").is_file():
-        return read_yolo(path)
+        return read_yolo(path, split)
     if path.suffix.lower() == ".txt" and path.parent.name == "Main":
         return read_voc(path)
     if path.is_dir() and ((path / "Annotations").is_dir() or any(path.glob("*.xml"))):
@@ -57,6 +66,14 @@ def read_dataset(path: str | Path, images: str | Path | None = None) -> Dataset:
         f"{str(path)!r} is not a dataset detgraft reads: give a COCO .json, a Pascal VOC folder (Annotations/ or "
         "*.xml files), or a YOLO folder (data.yaml, images/ and labels/)"
     )
+
+
+def _split_suffix(path: Path, split: str) -> tuple[Path, str]:
+    """``data.yaml:val`` -> (``data.yaml``, ``val``); any other path as it is."""
+    head, colon, tail = str(path).rpartition(":")
+    if colon and tail.isidentifier() and not path.exists() and Path(head).exists():
+        return Path(head), tail
+    return path, split
 
 
 def _read_text(path: Path) -> str:
@@ -152,17 +169,24 @@ def _number(text: str | None) -> float | str | None:
         return text.strip()
 
 
-def read_yolo(path: str | Path) -> Dataset:
-    """A YOLO dataset: ``data.yaml`` (or its folder: the ``train`` split) or an images folder."""
+def read_yolo(path: str | Path, split: str = "train") -> Dataset:
+    """A YOLO dataset: ``data.yaml`` (or its folder), its ``split`` (``train``, ``val``, ``test``),
+    or an images folder (``split`` does not apply)."""
     path = Path(path)
     yaml_file = path if path.is_file() else path / "data.yaml"
     if yaml_file.is_file():
         spec = _read_yaml(yaml_file)
         names = _yolo_names(spec.get("names"), yaml_file)
         base = yaml_file.parent / str(spec.get("path", "") or "")
-        train = spec.get("train") or "images"
+        entries = spec.get(split) or ("images" if split == "train" and (base / "images").is_dir() else None)
+        if not entries:
+            have = [k for k in ("train", "val", "test") if spec.get(k)] or ["none"]
+            raise ValueError(
+                f"{str(yaml_file)!r} has no {split!r} split (it has {', '.join(have)}): add "
+                f"'{split}: images/{split}' to it, or choose a split after a colon: {yaml_file}:{have[0]}"
+            )
         image_files = []
-        for entry in train if isinstance(train, list) else [train]:
+        for entry in entries if isinstance(entries, list) else [entries]:
             where = base / str(entry)
             if where.suffix == ".txt":
                 image_files += [
@@ -171,7 +195,7 @@ def read_yolo(path: str | Path) -> Dataset:
             elif where.is_dir():
                 image_files += _images_in(where)
             else:
-                raise FileNotFoundError(f"{str(yaml_file)!r}: its train entry {str(where)!r} does not exist")
+                raise FileNotFoundError(f"{str(yaml_file)!r}: its {split} entry {str(where)!r} does not exist")
     else:
         names = _names_near(path)
         image_files = _images_in(path / "images" if (path / "images").is_dir() else path)
@@ -220,7 +244,7 @@ def read_yolo(path: str | Path) -> Dataset:
                 annotation["bbox"] = [(cx - w / 2) * scale_w, (cy - h / 2) * scale_h, w * scale_w, h * scale_h]
             annotation["iscrowd"] = 0
             coco["annotations"].append(annotation)
-    return Dataset(coco, Path("/"), source=str(path))
+    return Dataset(coco, Path("/"), source=f"{path}:{split}" if yaml_file.is_file() else str(path))
 
 
 def _read_yaml(path: Path) -> dict:

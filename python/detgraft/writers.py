@@ -7,7 +7,6 @@ names. ``benchmarks/formats.py`` and the tests use them; users moving between to
 
 from __future__ import annotations
 
-import json
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -53,24 +52,32 @@ def write_voc(data: Dataset, out: str | Path) -> Path:
     return out
 
 
-def write_yolo(data: Dataset, out: str | Path) -> Path:
-    """``out/data.yaml`` (names in category id order), ``out/images/train/`` (copies) and
-    ``out/labels/train/*.txt`` (``class cx cy w h``, normalised)."""
+def write_yolo(data: Dataset, out: str | Path, split: str = "train") -> Path:
+    """``out/data.yaml`` (names in category id order; ``split: images/SPLIT`` added to what it
+    already lists, so that train and val can be written one after the other with the same
+    categories), ``out/images/SPLIT/`` (copies) and ``out/labels/SPLIT/*.txt`` (``class cx cy w h``,
+    normalised)."""
+    import yaml
+
     out = Path(out)
-    (out / "images" / "train").mkdir(parents=True, exist_ok=True)
-    (out / "labels" / "train").mkdir(parents=True, exist_ok=True)
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    (out / "labels" / split).mkdir(parents=True, exist_ok=True)
     categories = sorted(data.coco["categories"], key=lambda c: c["id"])
     index = {c["id"]: k for k, c in enumerate(categories)}
-    names = "".join(f"  {k}: {json.dumps(c['name'])}\n" for k, c in enumerate(categories))
-    (out / "data.yaml").write_text(f"path: .\ntrain: images/train\nnames:\n{names}")
+    names = {k: c["name"] for k, c in enumerate(categories)}
+    spec = yaml.safe_load((out / "data.yaml").read_text()) if (out / "data.yaml").is_file() else {"path": "."}
+    if spec.get("names", names) != names:
+        raise ValueError(f"{out / 'data.yaml'} names other classes ({spec['names']}) than this data ({names})")
+    spec |= {split: f"images/{split}", "names": names}
+    (out / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
     annotations = _by_image(data)
     for im in data.coco["images"]:
         file_name = Path(im["file_name"]).name
-        shutil.copyfile(data.path(im), out / "images" / "train" / file_name)
+        shutil.copyfile(data.path(im), out / "images" / split / file_name)
         lines = []
         for a in annotations[im["id"]]:
             x, y, w, h = a["bbox"]
             W, H = im["width"], im["height"]  # noqa: N806
             lines.append(f"{index[a['category_id']]} {(x + w / 2) / W!r} {(y + h / 2) / H!r} {w / W!r} {h / H!r}\n")
-        (out / "labels" / "train" / f"{Path(file_name).stem}.txt").write_text("".join(lines))
+        (out / "labels" / split / f"{Path(file_name).stem}.txt").write_text("".join(lines))
     return out
