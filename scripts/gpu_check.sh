@@ -7,11 +7,11 @@
 #   bash scripts/gpu_check.sh
 #
 # What it needs, and what it does on each machine:
-# - torch 2.13 (tch 0.26's libtorch) with cargo and a C++ compiler: builds detgraft from source;
-# - torch 2.11 (the lent H200 machines: Python 3.12, no Rust, nothing to install from): a wheel made
-#   beforehand, where cargo and PyPI are, by scripts/wheel_for_torch211.sh (tch 0.24 is tch's
-#   release for libtorch 2.11 and the Rust core compiles against it), carried as .whl/ and
-#   installed into /tmp/site with --no-deps;
+# - cargo and a C++ compiler: builds detgraft from source against the torch there (2.10 to 2.15);
+# - no Rust (the lent H200 machines: torch 2.11, Python 3.12, nothing to install from): the wheel of
+#   that torch series, made beforehand where cargo and PyPI are by scripts/build_wheels.sh (abi3: any
+#   Python >= 3.10), copied into .whl/ (carry .whl) and installed into /tmp/site with --no-deps:
+#     bash scripts/build_wheels.sh 2.11 && mkdir -p .whl && cp dist/detgraft-*+torch211-*.whl .whl/
 # - anything else: it stops and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,18 +23,19 @@ if not torch.cuda.is_available():
     sys.exit("gpu_check: no CUDA device visible to torch")
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| bf16:", torch.cuda.is_bf16_supported())
 PY
-if [ "$series" = "2.13" ] && command -v cargo >/dev/null; then
+tag="torch${series/./}"
+if command -v cargo >/dev/null; then
     python3 -m pip install -q --no-build-isolation .
-elif ls .whl/detgraft-*.whl >/dev/null 2>&1; then
-    wheel=$(ls .whl/detgraft-*.whl | head -1)
+elif ls .whl/detgraft-*+"$tag"-*.whl >/dev/null 2>&1; then
+    wheel=$(ls .whl/detgraft-*+"$tag"-*.whl | head -1)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel"
     export PYTHONPATH=/tmp/site
     # the wheel says which torch it was built for: a mismatch is an ImportError naming both
     python3 -c 'import detgraft; print("detgraft from", detgraft.__file__)'
 else
-    echo "gpu_check: torch $series is installed. detgraft's Rust core links libtorch: with torch 2.13 it needs"
-    echo "cargo and a C++ compiler here; with torch 2.11, a wheel from scripts/wheel_for_torch211.sh in .whl/"
-    echo "(carry .whl); other versions are not supported."
+    echo "gpu_check: torch $series is installed. detgraft's Rust core links libtorch: build it here (cargo and a"
+    echo "C++ compiler), or carry the wheel of torch $series in .whl/ (scripts/build_wheels.sh $series, copied"
+    echo "from dist/; detgraft builds against torch 2.10 to 2.15)."
     exit 2
 fi
 log=$(mktemp)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -65,18 +66,65 @@ def test_torchvision_checkpoint_loads_with_torchvision_alone(tmp_path):
     assert meta["classes"][91:] == ["chicken", "frog"]
 
 
-def test_coco_weights_missing_from_cache_fail_at_once_without_download(tmp_path, monkeypatch):
+def test_coco_weights_missing_offline_give_the_file_and_the_folder(tmp_path, monkeypatch):
+    import urllib.error
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
-    def no_download(*args, **kwargs):
-        raise AssertionError("detgraft tried to download")
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
     with pytest.raises(FileNotFoundError) as err:
         detgraft.load_model("fasterrcnn_resnet50_fpn", "DEFAULT")
     assert "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth" in str(err.value)
-    assert str(tmp_path / "hub" / "checkpoints") in str(err.value)
+    assert str(tmp_path / "hub" / "checkpoints") in str(err.value) and "name resolution" in str(err.value)
+
+
+MOBILE = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def test_named_weights_download_as_torchvision_s_do(tmp_path, monkeypatch):
+    """Into torch's hub cache, with a progress bar and torchvision's hash check; the weights enum
+    and its text are accepted as well as "COCO_V1"."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = torchvision.models.get_model(MOBILE, weights=None, weights_backbone=None)
+    enum = torchvision.models.get_model_weights(MOBILE)
+    fetched = []
+
+    def fetch(url, dst, hash_prefix=None, progress=True):
+        fetched.append((url, hash_prefix, progress))
+        torch.save(reference.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fetch)
+    for weights in (enum.COCO_V1, f"{enum.__name__}.COCO_V1", "COCO_V1"):
+        model = detgraft.load_model(MOBILE, weights)
+        assert detgraft.get_card(model).source == str(enum.COCO_V1)
+        assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    assert fetched == [(enum.COCO_V1.url, "907ea3f9", True)]  # once, with the hash check; then from the cache
+    assert weights_cache_path(enum.COCO_V1).is_file()
+    other = torchvision.models.get_model_weights("fasterrcnn_resnet50_fpn").COCO_V1
+    with pytest.raises(ValueError, match="are not weights of fasterrcnn_mobilenet_v3_large_320_fpn"):
+        detgraft.load_model(MOBILE, other)
+
+
+def test_a_download_that_fails_torchvision_s_hash_check_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    payload = b"not the weights"
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(len(payload))}
+
+        def info(self):
+            return self
+
+        def get_all(self, name):
+            return [str(len(payload))] if name == "Content-Length" else None
+
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: Response(payload))
+    with pytest.raises(ValueError, match="invalid hash value"):
+        detgraft.load_model(MOBILE, "COCO_V1")
+    assert not weights_cache_path(torchvision.models.get_model_weights(MOBILE).COCO_V1).exists()
 
 
 def test_coco_weights_are_read_from_the_local_cache(tmp_path, monkeypatch):

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 
+import pytest
 import safetensors.torch
 from torchvision.io import write_png
 
@@ -48,3 +52,46 @@ def test_predict_writes_json_and_pictures_and_reports_unreadable_files(tmp_path,
 def test_cli_errors_are_one_clear_line(tmp_path, caplog):
     assert main(["inspect", "no_such_builder"]) == 2
     assert "cannot load 'no_such_builder'" in caplog.text
+
+
+def test_version_names_detgraft_and_both_torch_series(capsys):
+    import torch
+
+    from detgraft._check_torch import BUILT_FOR
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"detgraft {detgraft.__version__} ") and f"built for torch {BUILT_FOR}" in out
+    assert f"torch {torch.__version__} here" in out
+
+
+def test_quiet_and_verbose_set_the_log_level(tmp_path, caplog):
+    checkpoint = str(_checkpoint(tmp_path))
+    for flags, level in (([], logging.INFO), (["-q"], logging.WARNING), (["-v"], logging.DEBUG)):
+        assert main([*flags, "inspect", checkpoint]) == 0
+        assert logging.getLogger("detgraft").level == level, flags
+    caplog.clear()
+    assert main(["-q", "inspect", "no_such_builder"]) == 2  # errors still say what is wrong
+    assert "cannot load 'no_such_builder'" in caplog.text
+
+
+def test_a_missing_optional_package_is_one_line_with_the_pip_command(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    assert main(["export", str(_checkpoint(tmp_path)), "--out", str(tmp_path / "m.onnx"), "--format", "onnx"]) == 2
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == "--format onnx needs onnxruntime: pip install 'detgraft[onnx]' (onnx and onnxruntime)"
+    assert record.exc_info is None  # no traceback
+
+
+def test_detgraft_imports_and_extends_where_resource_does_not_exist():
+    """``resource`` is POSIX-only: on Windows ``import detgraft`` must work, peak memory unknown."""
+    code = (
+        "import sys; sys.modules['resource'] = None\n"
+        "import detgraft\n"
+        "from detgraft.extend import peak_memory_mb\n"
+        "assert peak_memory_mb() is None\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -327,3 +327,25 @@ def test_difficult_objects_are_neither_hit_nor_miss(tmp_path):
     assert np.array_equal(with_difficult, alone)
     as_false_alarm = coco_eval(without, rows, [1])[0][reported]
     assert not np.array_equal(with_difficult, as_false_alarm)  # counted, it would lower precision
+
+
+def test_a_report_leaves_matplotlib_s_backend_alone_and_draws_the_loss(tmp_path):
+    """A notebook's backend is the user's: writing report.html must not switch it (it used to
+    call matplotlib.use("Agg"))."""
+    import matplotlib
+
+    from detgraft.report import write_report
+
+    model = tiny_with_names()
+    data = dataset(tmp_path, GT, CATEGORIES)
+    result = evaluate(model, data, detections=as_detections([(1, 1, [5, 5, 20, 20], 0.9)]))
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        page = write_report(
+            tmp_path / "report.html", "t", result, data, {}, NAMES, loss={"from_step": 0, "loss": [2.0, 1.5, 1.2]}
+        )
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert "id='loss-curve' src='data:image/png;base64," in page.read_text()

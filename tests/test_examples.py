@@ -52,3 +52,23 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3").execute()  # raises on any error
     outputs = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "same detections after widening" in outputs and "extended {" in outputs
+
+
+def test_progress_shows_in_a_notebook_without_ipywidgets():
+    """rich's notebook bars need ipywidgets (not a dependency); detgraft's draw one HTML line that
+    the kernel updates in place."""
+    import nbclient
+    import nbformat
+
+    code = (
+        "import sys\n"
+        "sys.modules['ipywidgets'] = None  # as in an environment without it\n"
+        "from detgraft.progress import track\n"
+        "total = sum(track(range(3), 'counting'))"
+    )
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    (output,) = notebook.cells[0].outputs
+    assert output["output_type"] == "display_data"
+    shown = output["data"]["text/html"]
+    assert "<progress value='3' max='3'" in shown and "counting · 3/3" in shown

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import signal
+import sys
 from dataclasses import fields
 
 import pytest
@@ -254,3 +256,28 @@ def test_mixed_precision_trains_and_is_recorded(train, tmp_path, amp):
                            mixed.state_dict()["roi_heads.box_predictor.cls_score.weight"])  # fmt: skip
     with pytest.raises(ValueError, match="amp 'fp8' is unknown"):
         ExtendSettings(amp="fp8")
+
+
+def test_tensorboard_gets_each_loss_part_per_step_and_the_val_ap(train, tmp_path):
+    if importlib.util.find_spec("tensorboard") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs the tensorboard extra (.ci/run)")
+        pytest.skip("tensorboard is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    val = write_coco(tmp_path, "val", ["class_1", "chicken"], [[2, 2, 20, 20], [4, 4, 30, 30]], count=2)
+    extend(base_model(), train, settings(steps=3), out=tmp_path / "out", val=val, tensorboard=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/total", "loss/loss_classifier", "loss/loss_box_reg", "val/all_ap", "val/new_ap"} <= set(tags)
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3]
+    saved = json.loads((tmp_path / "out" / "extend.json").read_text())["loss_curve"]["loss"]
+    assert [e.value for e in events.Scalars("loss/total")] == pytest.approx(saved)
+
+
+def test_without_tensorboard_the_flag_is_one_line_with_the_pip_command(train, tmp_path, monkeypatch):
+    from detgraft.extras import MissingPackage
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(MissingPackage, match=r"^--tensorboard needs tensorboard: pip install tensorboard$"):
+        extend(base_model(), train, settings(steps=1), out=tmp_path / "out", tensorboard=tmp_path / "tb")

@@ -1,6 +1,7 @@
 """The wheel: built by maturin without bundling libtorch, installed into a fresh virtual
 environment that has torch 2.13 and no Rust toolchain on its PATH, where the quickstart runs; and a
-torch of another series is an ImportError that says what to install, not a crash."""
+torch of another series is an ImportError that says what to install, not a crash. (The wheels of
+the other series: scripts/build_wheels.sh, which .ci/run runs for torch 2.14.)"""
 
 from __future__ import annotations
 
@@ -46,5 +47,8 @@ def _install_and_run(tmp_path):
     assert quick.returncode == 0, quick.stderr[-2000:]
     other = "import torch; torch.__version__ = '2.11.0'; import detgraft"
     mismatch = subprocess.run([python, "-c", other], **run)
-    assert mismatch.returncode == 1 and "built for torch 2.13.x" in mismatch.stderr
-    assert "pip install 'torch==2.13.*'" in mismatch.stderr
+    assert mismatch.returncode == 1 and "was built for torch 2.13.x" in mismatch.stderr
+    assert "the detgraft wheel for torch 2.11" in mismatch.stderr
+    assert "pip install 'torch==2.13.*' 'torchvision==0.28.*'" in mismatch.stderr
+    unsupported = subprocess.run([python, "-c", other.replace("2.11.0", "2.9.1")], **run)
+    assert unsupported.returncode == 1 and "supports torch 2.10, 2.11, 2.12, 2.13, 2.14, 2.15" in unsupported.stderr

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from . import families
 from .card import UNUSED, get_card
+from .extras import MissingPackage
 from .loading import load_model
 from .predict import IMAGE_SUFFIXES, find_images, predict_files
 
@@ -42,18 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not log.handlers and not logging.getLogger().handlers:  # a host that set up logging keeps its own
         log.addHandler(RichHandler(show_time=False, show_path=False))
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO + 10 * (args.quiet - args.verbose))  # -q: warnings only, -v: debug
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError) as err:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, NotImplementedError, MissingPackage) as err:
         log.error("%s", err)
         return 2
+
+
+def _version() -> str:
+    from . import __version__
+    from ._check_torch import BUILT_FOR
+
+    return f"detgraft {__version__} (Rust core built for torch {BUILT_FOR}; torch {torch.__version__} here)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detgraft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug messages too")
     sub = parser.add_subparsers(dest="command", required=True)
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("model", help="checkpoint folder, torchvision builder, file.py:function, or pickled model")
@@ -133,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--out", required=True, help="folder for the checkpoint, settings, log and report")
     ex.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    ex.add_argument(
+        "--tensorboard", help="a folder for TensorBoard events: loss parts per step, val AP (pip install tensorboard)"
+    )
     _settings_flags(ex)
     ex.set_defaults(run=_extend)
 
@@ -244,7 +258,17 @@ def _extend(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--old-images {args.old_images!r} holds no image (.jpg, .png, ...; not in subfolders)")
     model = load_model(args.base, args.weights, args.classes, trust_pickle=args.trust_pickle)
     try:
-        extend(model, train, settings, out=args.out, val=val, replay=replay, resume=args.resume, old_images=old_images)
+        extend(
+            model,
+            train,
+            settings,
+            out=args.out,
+            val=val,
+            replay=replay,
+            resume=args.resume,
+            old_images=old_images,
+            tensorboard=args.tensorboard,
+        )
     except KeyboardInterrupt as stop:
         log.warning("%s", stop or f"interrupted; continue with --resume (checkpoint {args.out}/last)")
         return 130

@@ -121,7 +121,7 @@ class DataError(ValueError):
 def check_dataset(data: Dataset, skip_bad: bool = False, raise_errors: bool = True) -> tuple[Dataset, DataReport]:
     """``data`` as training and scoring will see it (see the module doc), and the report. Raises
     ``DataError`` when there is a problem to fix (unless ``raise_errors`` is False)."""
-    from rich.progress import track
+    from .progress import track
 
     report = DataReport(source=data.source or str(data.images), skip_bad=skip_bad)
     coco = data.coco

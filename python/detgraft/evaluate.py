@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import track
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from .card import get_card, normalize_name
+from .extras import need
 from .image_files import load_image
+from .progress import track
 
 __all__ = ["Dataset", "Evaluation", "load_dataset", "detect", "evaluate", "compare", "drift", "confusions"]
 
@@ -185,8 +186,8 @@ def coco_eval(
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     elif evaluator == "faster-coco-eval":
-        from faster_coco_eval import COCO
-        from faster_coco_eval import COCOeval_faster as COCOeval
+        faster = need("faster_coco_eval", "faster-coco-eval", "--evaluator faster-coco-eval")
+        COCO, COCOeval = faster.COCO, faster.COCOeval_faster  # noqa: N806
     else:
         raise ValueError(f"evaluator must be one of {EVALUATORS}; got {evaluator!r}")
     with contextlib.redirect_stdout(io.StringIO()):

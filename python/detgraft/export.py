@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .extras import need
+
 __all__ = ["FORMATS", "ExportMismatch", "export"]
 
 log = logging.getLogger(__name__)
@@ -107,12 +109,8 @@ def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor], names: list[s
     number of detections dynamic), its outputs named ``names`` (the keys of the model's detections,
     in their order: ``boxes, labels, scores[, masks]`` for R-CNNs, ``boxes, scores, labels`` for
     RetinaNet and FCOS); returns onnxruntime's detections on each of ``images``."""
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError(
-            "--format onnx needs onnx and onnxruntime: pip install onnx onnxruntime (or detgraft[onnx])"
-        ) from err
+    need("onnx", "'detgraft[onnx]' (onnx and onnxruntime)", "--format onnx")
+    onnxruntime = need("onnxruntime", "'detgraft[onnx]' (onnx and onnxruntime)", "--format onnx")
     import warnings
 
     cpu = copy.deepcopy(model).cpu()

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch import nn
 
@@ -35,8 +34,10 @@ from .card import UNUSED, get_card, normalize_name
 from .checkpoint import save_checkpoint
 from .data_check import check_dataset
 from .evaluate import Dataset
+from .extras import need
 from .image_files import image_size, load_image
 from .incremental import STRATEGIES, check_strategy, incremental
+from .progress import progress
 from .surgery import INITS, expand_predictor
 from .training_data import TrainingSet, training_batches
 
@@ -183,6 +184,7 @@ def extend(
     replay: Dataset | None = None,
     resume: bool = False,
     old_images: list[str | Path] | None = None,
+    tensorboard: str | Path | None = None,
 ) -> nn.Module:
     """Adds ``train``'s categories to ``model`` and fine-tunes it with ``settings.strategy``.
 
@@ -193,7 +195,8 @@ def extend(
     Writes to ``out``: the checkpoint (``model.safetensors``, ``detgraft.json``), ``settings.json``,
     ``mapping.json`` (category -> label), ``extend.log``, ``extend.json`` (time, peak memory,
     final losses) and, with ``val``, ``eval.json`` and ``report.html``. ``out/last`` holds the
-    latest checkpoint while training. Returns the model in eval mode.
+    latest checkpoint while training. ``tensorboard``: a folder for TensorBoard events (each loss
+    part per step, val AP per group; ``pip install tensorboard``). Returns the model in eval mode.
     """
     settings = settings or ExtendSettings()
     out = Path(out)
@@ -212,7 +215,7 @@ def extend(
     fast_ops = ops.everywhere() if settings.device == "cpu" else contextlib.nullcontext()
     try:
         with fast_ops:
-            return _extend(model, train, settings, out, val, replay, resume, old_images)
+            return _extend(model, train, settings, out, val, replay, resume, old_images, tensorboard)
     except FloatingPointError as err:  # said in extend.log too, where the run's story is
         log.error("%s", err)
         raise
@@ -224,7 +227,7 @@ def extend(
             handler.close()
 
 
-def _extend(model, train, settings, out, val, replay, resume, old_images):
+def _extend(model, train, settings, out, val, replay, resume, old_images, tensorboard):
     start = time.perf_counter()
     rank, processes = distributed.world()
     if settings.batch_size % processes:
@@ -302,7 +305,8 @@ def _extend(model, train, settings, out, val, replay, resume, old_images):
         step = _load_last(out, model, optimizer, scheduler, scaler)
         log.info("resuming at step %d of %d", step, settings.steps)
 
-    losses, curve = _train(model, data, settings, optimizer, scheduler, step, out, scaler)
+    writer = _tensorboard(tensorboard) if tensorboard and rank == 0 else None
+    losses, curve = _train(model, data, settings, optimizer, scheduler, step, out, scaler, writer)
     model.eval()
     if rank > 0:  # rank 0 calibrates, saves and evaluates
         return model
@@ -325,12 +329,12 @@ def _extend(model, train, settings, out, val, replay, resume, old_images):
         )
     save_checkpoint(model, out)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory_mb()
     (out / "extend.json").write_text(
         json.dumps(
             {
                 "seconds": round(seconds, 1),
-                "peak_rss_mb": round(peak),
+                "peak_rss_mb": None if peak is None else round(peak),
                 "steps": settings.steps,
                 "final_losses": losses,
                 "loss_curve": {"from_step": step, "loss": curve},
@@ -340,10 +344,33 @@ def _extend(model, train, settings, out, val, replay, resume, old_images):
             indent=1,
         )
     )
-    log.info("trained in %.0f s (peak memory %.0f MB); checkpoint in %s", seconds, peak, out)
+    shown = "?" if peak is None else round(peak)
+    log.info("trained in %.0f s (peak memory %s MB); checkpoint in %s", seconds, shown, out)
     if val is not None:
-        _evaluate(model, val, out, settings.device, before)
+        result = _evaluate(model, val, out, settings.device, before, {"from_step": step, "loss": curve})
+        for group, v in result.groups.items() if writer else ():
+            writer.add_scalar(f"val/{group}_ap", v["ap"], settings.steps)
+            writer.add_scalar(f"val/{group}_ap50", v["ap50"], settings.steps)
+    if writer:
+        writer.close()
     return model
+
+
+def _tensorboard(folder: str | Path):
+    need("tensorboard", "tensorboard", "--tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory (Linux, macOS), or None where ``resource`` does not
+    exist (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _spaced(items: list, most: int) -> list:
@@ -410,10 +437,12 @@ def _scaler(settings: ExtendSettings) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(torch.device(settings.device).type, enabled=settings.amp == "fp16")
 
 
-def _train(model, data, settings, optimizer, scheduler, step, out, scaler=None) -> tuple[dict[str, float], list[float]]:
+def _train(
+    model, data, settings, optimizer, scheduler, step, out, scaler=None, writer=None
+) -> tuple[dict[str, float], list[float]]:
     """Trains from ``step`` to ``settings.steps`` (forward and loss in ``settings.amp`` precision,
     the loss scaled by ``scaler`` for fp16); returns the last step's losses and every step's total
-    loss (the mean over the processes under torchrun)."""
+    loss (the mean over the processes under torchrun). ``writer``: a TensorBoard SummaryWriter."""
     model.train()
     scaler = scaler or _scaler(settings)
     device_type = torch.device(settings.device).type
@@ -431,7 +460,7 @@ def _train(model, data, settings, optimizer, scheduler, step, out, scaler=None) 
         TextColumn("{task.fields[losses]}"),
     )
     tick = time.perf_counter()
-    with Progress(*columns, transient=False, disable=rank > 0) as bar, _StopRequest() as stop:
+    with progress(*columns, transient=False, disable=rank > 0) as bar, _StopRequest() as stop:
         task = bar.add_task(settings.strategy, total=settings.steps, completed=step, losses="", rate="")
         batches = iter(training_batches(data, step, settings.steps, settings, part=(rank, processes)))
         while step < settings.steps:
@@ -458,6 +487,8 @@ def _train(model, data, settings, optimizer, scheduler, step, out, scaler=None) 
             step += 1
             now = time.perf_counter()
             bar.update(task, completed=step, losses=_fmt(parts), rate=f"{1 / max(now - tick, 1e-9):.1f} it/s")
+            for name, v in (parts | {"total": value}).items() if writer else ():
+                writer.add_scalar(f"loss/{name}", v, step)
             tick = now
             if step % 50 == 0:
                 log.info("step %d/%d %s", step, settings.steps, _fmt(parts))
@@ -540,8 +571,9 @@ def _labels_old_classes(val: Dataset, model: nn.Module) -> bool:
     return bool(set(_label_to_category(model, val).values()) & {a["category_id"] for a in val.coco["annotations"]})
 
 
-def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before) -> None:
-    """eval.json and report.html on val, against the base's results on val (``before``)."""
+def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before, loss: dict | None = None):
+    """eval.json and report.html (with the ``loss`` curve) on val, against the base's results on val
+    (``before``); returns the evaluation."""
     from .evaluate import compare, detect, evaluate
     from .report import write_evaluation
 
@@ -561,4 +593,6 @@ def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before) ->
         base_detections=base_detections,
         base_classes=base_classes,
         comparison=compare(result, base) if base else None,
+        loss=loss,
     )
+    return result

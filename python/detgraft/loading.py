@@ -3,8 +3,10 @@
 ``load_model`` accepts, in this order:
 
 1. a detgraft checkpoint (a folder holding ``detgraft.json``, or that file);
-2. a torchvision builder name (``TORCHVISION_BUILDERS``) with ``weights`` ``DEFAULT``, ``COCO_V1`` or
-   a state-dict file;
+2. a torchvision builder name (``TORCHVISION_BUILDERS``) with ``weights`` ``DEFAULT``, ``COCO_V1``,
+   torchvision's weights enum (``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``, or that text) or a
+   state-dict file. Named weights come from torch's hub cache, downloaded there as torchvision
+   does (progress bar, torchvision's hash check) when they are not there yet;
 3. a Python builder ``file.py:function`` with ``weights`` a state-dict file (this is how a custom
    architecture, such as the EmojiCOCO base, is loaded);
 4. a whole pickled model, only with ``trust_pickle=True``.
@@ -71,8 +73,9 @@ def load_model(
     Args:
         model: a checkpoint folder, a builder name from ``TORCHVISION_BUILDERS``, ``"file.py:function"``,
             or a pickled model file.
-        weights: for builders: ``"DEFAULT"`` / ``"COCO_V1"`` (torchvision builders, read from torch's
-            cache, never downloaded) or a ``.safetensors`` / ``.pth`` state-dict file.
+        weights: for builders: ``"DEFAULT"`` / ``"COCO_V1"`` / a torchvision weights enum (torchvision
+            builders: from torch's hub cache, downloaded as torchvision downloads) or a
+            ``.safetensors`` / ``.pth`` state-dict file.
         classes: class names, index = label: a list, or a JSON file holding such a list, a
             ``{"categories": [...]}`` list of names, or COCO ``categories`` (``id``, ``name``).
         trust_pickle: allow unpickling a whole model (runs code from the file).
@@ -159,18 +162,59 @@ def build_architecture(builder: Mapping[str, Any], num_classes: int) -> nn.Modul
     raise ValueError(f"unknown builder kind {builder['kind']!r}; expected 'torchvision' or 'python'")
 
 
-def _load_torchvision(name: str, weights: str | Path | None, classes) -> tuple[nn.Module, ModelCard]:
+def named_weights(name: str, weights) -> torchvision.models.WeightsEnum | None:
+    """torchvision's weights for builder ``name`` that ``weights`` names (None, ``"DEFAULT"``,
+    ``"COCO_V1"``, ``"FasterRCNN_ResNet50_FPN_Weights.COCO_V1"`` or the enum member itself), or None
+    when ``weights`` is a file. Weights of another builder are an error."""
     enum = torchvision.models.get_model_weights(name)
-    if weights is None or str(weights) == "DEFAULT" or str(weights) in enum.__members__:
-        w = enum.DEFAULT if weights is None or str(weights) == "DEFAULT" else enum[str(weights)]
-        cached = weights_cache_path(w)
-        if not cached.is_file():
-            raise FileNotFoundError(
-                f"{w} is not on this machine and detgraft never downloads: put {cached.name} "
-                f"(from {w.url}) into {cached.parent} (torch.hub.get_dir()/checkpoints; set TORCH_HOME to "
-                "move it), or pass a state-dict file as weights"
-            )
-        net = torchvision.models.get_model(name, weights=w, progress=False)
+    if weights is None:
+        return enum.DEFAULT
+    if isinstance(weights, torchvision.models.WeightsEnum):
+        if not isinstance(weights, enum):
+            raise ValueError(f"{weights} are not weights of {name}: its weights are {enum.__name__}")
+        return weights
+    text = str(weights)
+    if text.startswith(f"{enum.__name__}."):
+        text = text.split(".", 1)[1]
+    if text == "DEFAULT" or text in enum.__members__:
+        return enum.DEFAULT if text == "DEFAULT" else enum[text]
+    if "_Weights." in text and not Path(text).exists():
+        raise ValueError(f"{text} are not weights of {name}: its weights are {', '.join(map(str, enum))}")
+    return None
+
+
+def download_weights(w: torchvision.models.WeightsEnum) -> Path:
+    """``w``'s file in torch's hub cache, downloaded as torchvision downloads it (progress bar,
+    torchvision's hash check) when it is not there yet."""
+    cached = weights_cache_path(w)
+    if cached.is_file():
+        return cached
+    log.info("downloading %s to %s", w.url, cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(w.url, str(cached), hash_prefix=_hash_prefix(cached), progress=True)
+    except RuntimeError as err:  # torch.hub's hash check
+        raise ValueError(f"the download of {w.url} is not the file torchvision expects ({err}); nothing kept") from None
+    except OSError as err:  # URLError, a refused or timed-out connection
+        raise FileNotFoundError(
+            f"{w} is not on this machine and cannot be downloaded ({err}): on a machine without network, put "
+            f"{cached.name} (from {w.url}) into {cached.parent} (torch.hub.get_dir()/checkpoints; set TORCH_HOME to "
+            "move it), or pass a state-dict file as weights"
+        ) from None
+    return cached
+
+
+def _hash_prefix(file: Path) -> str | None:
+    """torchvision's file names end in the first digits of the file's SHA-256 (``name-258fb6c6.pth``)."""
+    tail = file.stem.rsplit("-", 1)[-1]
+    return tail if "-" in file.stem and len(tail) >= 8 and all(c in "0123456789abcdef" for c in tail) else None
+
+
+def _load_torchvision(name: str, weights, classes) -> tuple[nn.Module, ModelCard]:
+    w = named_weights(name, weights)
+    if w is not None:
+        download_weights(w)
+        net = torchvision.models.get_model(name, weights=w, progress=False)  # reads the cached file
         names, source = list(w.meta["categories"]), str(w)
     else:
         state_dict = read_state_dict(weights)

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import track
 from torch import nn
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .card import get_card
 from .image_files import load_image
+from .progress import track
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "Prediction"]
 

@@ -18,31 +18,41 @@ from .evaluate import Dataset, Evaluation
 from .image_files import load_image
 from .predict import _PALETTE
 
-__all__ = ["write_evaluation", "write_report"]
+__all__ = ["loss_figure", "write_evaluation", "write_report"]
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure and its axes, drawn by Agg without pyplot: a notebook's backend stays as it was."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=(width, height))
+    return figure, figure.subplots()
 
 
 def _png(figure) -> str:
-    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def loss_figure(loss: list[float], from_step: int = 0):
+    """The training loss per step (the sum of the loss parts), with a running mean over 10 steps."""
+    fig, ax = _figure(6, 3)
+    steps = range(from_step + 1, from_step + len(loss) + 1)
+    ax.plot(steps, loss, color="#bbbbbb", linewidth=1, label="step")
+    mean = [sum(loss[max(0, k - 9) : k + 1]) / len(loss[max(0, k - 9) : k + 1]) for k in range(len(loss))]
+    ax.plot(steps, mean, color="#4363d8", label="mean of 10")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def _ap_bars(after: Evaluation, before: Evaluation | None) -> str:
-    plt = _pyplot()
     names = [c.name for c in after.classes]
     was = {c.name: c.ap for c in before.classes} if before else {}
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.35), 3.5))
+    fig, ax = _figure(max(6, len(names) * 0.35), 3.5)
     x = range(len(names))
     if before:
         ax.bar([i - 0.2 for i in x], [was.get(n, 0) for n in names], 0.4, label="base", color="#9e9e9e")
@@ -65,8 +75,7 @@ def _ap_bars(after: Evaluation, before: Evaluation | None) -> str:
 def _pr_curves(after: Evaluation) -> str | None:
     if not after.pr_curves:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    fig, ax = _figure(4.5, 3.5)
     recall = [i / 100 for i in range(101)]
     for name, precision in after.pr_curves.items():
         ax.plot(recall, [max(p, 0) for p in precision], label=name)
@@ -111,8 +120,9 @@ def write_report(
     comparison: dict[str, Any] | None = None,
     score: float = 0.5,
     pictures: int = 6,
+    loss: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes the report and returns its path."""
+    """Writes the report and returns its path (``loss``: extend.json's ``loss_curve``, drawn)."""
     e = html.escape
     rows = "".join(
         f"<tr><td>{e(g)}</td>" + "".join(f"<td>{v[m]:.3f}</td>" for m in ("ap", "ap50", "ap75", "ar")) + "</tr>"
@@ -132,6 +142,9 @@ def write_report(
     if after.not_evaluated:
         parts.append(f"<p>Not evaluated (not labelled in the data): {e(', '.join(after.not_evaluated))}</p>")
     parts.append(f"<h2>AP per class</h2><img id='ap-bars' src='{_ap_bars(after, before)}'>")
+    if loss and loss.get("loss"):
+        curve = _png(loss_figure(loss["loss"], loss["from_step"]))
+        parts.append(f"<h2>Training loss</h2><img id='loss-curve' src='{curve}'>")
     curves = _pr_curves(after)
     if curves:
         parts.append(f"<h2>Precision-recall</h2><img id='pr-curves' src='{curves}'>")
@@ -192,6 +205,7 @@ def write_evaluation(
     comparison: dict[str, Any] | None = None,
     score: float = 0.5,
     header: dict[str, Any] | None = None,
+    loss: dict[str, Any] | None = None,
 ) -> Path:
     """Writes ``out/eval.json`` (``header``, the results, the base's and the comparison) and
     ``out/report.html``; returns the report's path."""
@@ -216,4 +230,5 @@ def write_evaluation(
         base_classes=base_classes,
         comparison=comparison,
         score=score,
+        loss=loss,
     )
