@@ -13,8 +13,9 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../torch/lib");
-    let version = std::env::var("DEP_TCH_LIBTORCH_VERSION").unwrap_or_else(|_| "unknown".to_owned());
-    let series = version.rsplit_once('.').map_or(version.as_str(), |(series, _)| series);
+    let version =
+        std::env::var("DEP_TCH_LIBTORCH_VERSION").unwrap_or_else(|_| "unknown".to_owned());
+    let series = version.split('.').take(2).collect::<Vec<_>>().join("."); // 2.14.1, 2.14.0.dev20260101 -> 2.14
     let text = format!(
         "# Written by build.rs: the torch series detgraft's Rust core was built against.\nSERIES = \"{series}\"\n"
     );

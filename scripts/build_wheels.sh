@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# One detgraft wheel per supported torch series, each installed into a fresh venv without cargo and
-# tested there.
+# detgraft wheels: one per supported torch series and Python, each installed into a fresh venv
+# without cargo and tested there.
 #   bash scripts/build_wheels.sh [SERIES ...]          default: 2.10 2.11 2.12 2.13 2.14 2.15
-#   PYTHONS="3.10 3.13" bash scripts/build_wheels.sh 2.13   also test the wheel under those Pythons
-# Writes dist/detgraft-VERSION+torchXYZ-cp310-abi3-linux_x86_64.whl per series and one log line per
-# series and Python to $LOG (default benchmarks/wheels.log): built / installed / tested, or what failed.
+#   PYTHONS="3.11" bash scripts/build_wheels.sh 2.14   only those Pythons (default 3.10 3.11 3.12 3.13,
+#                                                      each from PATH or pyenv; one missing is logged)
+# Writes dist/detgraft-VERSION+torchXYZ-cpXY-cpXY-linux_x86_64.whl and one line per series and Python
+# to $LOG (default benchmarks/wheels.log): built / installed / tested, or what failed; the output of
+# each test goes to the log as well.
 #
-# How: each series' wheel is built by maturin in a venv holding that torch (headers and libraries
-# only, --no-deps); tch 0.26 with the patched torch-sys in vendor/torch-sys links it (C++20 from
-# 2.14 on). The wheel is abi3 (Python >= 3.10). A copy of the sources pins the wheel's metadata to
-# its series (torch==S.* and that series' torchvision; version +torchSS), so that installing it
-# never replaces the user's torch. The test venv gets torch S and its torchvision from PyPI, then the
-# wheel, and runs with a PATH without cargo: scripts/core_smoke.py (the Rust core alone) and
-# examples/quickstart.py. torch 2.15 has no torchvision yet: its wheel runs the core smoke test only.
-# Each venv holds a torch with its CUDA libraries (~5 GB): they are removed after each series.
+# How: each wheel is built by maturin in a venv of its Python holding that torch (headers and
+# libraries only, --no-deps, named by LIBTORCH); tch 0.26 with the patched torch-sys in
+# vendor/torch-sys links it (C++20 from 2.14 on). Not abi3: torch-sys's C++ glue to torch's Python
+# objects compiles against the full Python API of the build interpreter (an abi3 wheel built with
+# 3.11 fails on 3.13: undefined symbol _PyThreadState_UncheckedGet). A copy of the sources pins the
+# wheel's metadata to its series (torch==S.* and that series' torchvision; version +torchSS), so
+# that installing it never replaces the user's torch. The test venv gets torch S and its torchvision
+# from PyPI, then the wheel, and runs with a PATH without cargo: scripts/core_smoke.py (the Rust core
+# alone) and examples/quickstart.py. torch 2.15 has no torchvision yet: its wheel runs the core
+# smoke test only. Each venv holds a torch with its CUDA libraries (~5 GB): removed after each test.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 series_list=${*:-2.10 2.11 2.12 2.13 2.14 2.15}
-pythons=${PYTHONS:-}
+pythons=${PYTHONS:-3.10 3.11 3.12 3.13}
 log=${LOG:-$root/benchmarks/wheels.log}
-build_python=${BUILD_PYTHON:-python3}
 mkdir -p dist "$(dirname "$log")"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -35,12 +38,15 @@ print(table.get(sys.argv[1]) or "")
 PY
 }
 
-python_for() {  # an interpreter of version $1: the build one, or pyenv's
-    if [ "$("$build_python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$1" ]; then
-        command -v "$build_python"
-    elif [ -x "${PYENV_ROOT:-$HOME/.pyenv}/versions/$1"*/bin/python ] 2>/dev/null; then
-        ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$1".*/bin/python | tail -1
-    fi
+python_for() {  # an interpreter of version $1: python3 if it is that version, else pythonX.Y, else pyenv's
+    local candidate
+    for candidate in python3 "python$1" $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$1".*/bin/python 2>/dev/null); do
+        if command -v "$candidate" >/dev/null \
+                && [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$1" ]; then
+            command -v "$candidate"
+            return
+        fi
+    done
 }
 
 test_wheel() {  # series, torchvision, wheel, python version
@@ -94,24 +100,33 @@ for s in $series_list; do
         sed -i "/^    \"torchvision>=/d" "$src/pyproject.toml"
     fi
     grep -q "\"torch==$s.\*\"" "$src/pyproject.toml" || { say "torch $s: could not pin pyproject.toml"; failed=1; continue; }
-    venv="$work/build-$s"
-    "$build_python" -m venv "$venv" && "$venv/bin/python" -m pip install -q maturin \
-        && "$venv/bin/python" -m pip install -q --no-deps "torch==$s.*" \
-        || { say "torch $s: build venv FAILED"; failed=1; rm -rf "$venv"; continue; }
-    start=$(date +%s)
-    if (cd "$src" && PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" "$venv/bin/maturin" build --release \
-            --auditwheel skip -i "$venv/bin/python" -o "$src/dist" >"$work/build-$s.log" 2>&1); then
-        wheel=$(ls "$src"/dist/detgraft-*.whl)
-        cp "$wheel" dist/
-        wheel="$root/dist/$(basename "$wheel")"
-        say "torch $s: built $(basename "$wheel") ($(du -k "$wheel" | cut -f1) kB, $(( $(date +%s) - start )) s)"
-    else
-        say "torch $s: build FAILED: $(grep -m3 -E 'error' "$work/build-$s.log" | tr '\n' ' ')"
-        failed=1; rm -rf "$venv"; continue
-    fi
-    rm -rf "$venv" "$src"
-    for py in "$("$build_python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" $pythons; do
-        test_wheel "$s" "$vision" "$wheel" "$py" || failed=1
+    # torch without its CUDA packages does not import: name its folder (LIBTORCH) instead of asking
+    # Python (.cargo/config.toml's LIBTORCH_USE_PYTORCH); torch-sys reads the version from version.py
+    rm "$src/.cargo/config.toml"
+    for v in $pythons; do
+        py=$(python_for "$v")
+        if [ -z "$py" ]; then say "torch $s python $v: not built (no python$v here)"; failed=1; continue; fi
+        venv="$work/build-$s-$v"
+        "$py" -m venv "$venv" && "$venv/bin/python" -m pip install -q maturin \
+            && "$venv/bin/python" -m pip install -q --no-deps "torch==$s.*" \
+            || { say "torch $s python $v: build venv FAILED"; failed=1; rm -rf "$venv"; continue; }
+        torch_dir=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch
+        start=$(date +%s)
+        rm -rf "$src/dist"
+        if (cd "$src" && PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" LIBTORCH="$torch_dir" LIBTORCH_CXX11_ABI=1 \
+                "$venv/bin/maturin" build --release --auditwheel skip -i "$venv/bin/python" -o "$src/dist" \
+                >"$work/build-$s-$v.log" 2>&1); then
+            wheel=$(ls "$src"/dist/detgraft-*.whl)
+            cp "$wheel" dist/
+            wheel="$root/dist/$(basename "$wheel")"
+            say "torch $s python $v: built $(basename "$wheel") ($(du -k "$wheel" | cut -f1) kB, $(( $(date +%s) - start )) s)"
+            rm -rf "$venv"
+            test_wheel "$s" "$vision" "$wheel" "$v" || failed=1
+        else
+            say "torch $s python $v: build FAILED: $(grep -m3 -E 'error' "$work/build-$s-$v.log" | tr '\n' ' ')"
+            failed=1; rm -rf "$venv"
+        fi
     done
+    rm -rf "$src"
 done
 exit $failed

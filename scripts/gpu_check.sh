@@ -9,14 +9,14 @@
 # What it needs, and what it does on each machine:
 # - cargo and a C++ compiler: builds detgraft from source against the torch there (2.10 to 2.15);
 # - no Rust (the lent H200 machines: torch 2.11, Python 3.12, nothing to install from): the wheel of
-#   that torch series, made beforehand where cargo and PyPI are by scripts/build_wheels.sh (abi3: any
-#   Python >= 3.10), copied into .whl/ (carry .whl) and installed into /tmp/site with --no-deps:
-#     bash scripts/build_wheels.sh 2.11 && mkdir -p .whl && cp dist/detgraft-*+torch211-*.whl .whl/
+#   that torch series and Python, made beforehand where cargo and PyPI are by scripts/build_wheels.sh,
+#   copied into .whl/ (carry .whl) and installed into /tmp/site with --no-deps:
+#     PYTHONS=3.12 bash scripts/build_wheels.sh 2.11 && mkdir -p .whl && cp dist/detgraft-*+torch211-cp312-*.whl .whl/
 # - anything else: it stops and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-series=$(python3 -c 'import torch; print(torch.__version__.split("+")[0].rsplit(".", 1)[0])')
+series=$(python3 -c 'import torch; print(".".join(torch.__version__.split("+")[0].split(".")[:2]))')
 python3 - <<'PY'
 import sys, torch
 if not torch.cuda.is_available():

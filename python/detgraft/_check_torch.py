@@ -6,6 +6,8 @@ detgraft builds against every torch series in ``SUPPORTED`` (one tch, 0.26, with
 torch-sys in ``vendor/torch-sys``); a build links the one in its environment, and ``_built_for``
 (written by ``build.rs``) records which."""
 
+import warnings
+
 import torch
 
 #: torch series -> the torchvision series made for it (None: not released yet)
@@ -19,7 +21,7 @@ except ImportError:  # a source tree whose extension was never built
         f"{', '.join(SUPPORTED)}"
     ) from None
 
-SERIES = torch.__version__.split("+")[0].rsplit(".", 1)[0]
+SERIES = ".".join(torch.__version__.split("+")[0].split(".")[:2])  # 2.14.1+cu130, 2.14.0.dev20260101 -> 2.14
 
 
 def _pins(series: str) -> str:
@@ -32,7 +34,12 @@ if SERIES not in SUPPORTED:
         f"detgraft supports torch {', '.join(SUPPORTED)}; this environment has torch {torch.__version__}: "
         f"pip install {_pins(BUILT_FOR if BUILT_FOR in SUPPORTED else '2.13')}"
     )
-if SERIES != BUILT_FOR:
+if BUILT_FOR == "unknown":  # built against a libtorch folder that states no version
+    warnings.warn(
+        f"detgraft's Rust core was built against a libtorch of unknown version: it must be torch {SERIES}'s",
+        stacklevel=2,
+    )
+elif SERIES != BUILT_FOR:
     raise ImportError(
         f"this detgraft was built for torch {BUILT_FOR}.x (its Rust core links libtorch {BUILT_FOR}), but this "
         f"environment has torch {torch.__version__}: install the detgraft wheel for torch {SERIES}, or build it "

@@ -18,7 +18,7 @@ from .evaluate import Dataset, Evaluation
 from .image_files import load_image
 from .predict import _PALETTE
 
-__all__ = ["loss_figure", "write_evaluation", "write_report"]
+__all__ = ["loss_figure", "plot_loss", "write_evaluation", "write_report"]
 
 
 def _figure(width: float, height: float):
@@ -36,8 +36,15 @@ def _png(figure) -> str:
 
 
 def loss_figure(loss: list[float], from_step: int = 0):
-    """The training loss per step (the sum of the loss parts), with a running mean over 10 steps."""
+    """A figure of ``plot_loss`` (no pyplot: for files)."""
     fig, ax = _figure(6, 3)
+    plot_loss(ax, loss, from_step)
+    return fig
+
+
+def plot_loss(ax, loss: list[float], from_step: int = 0) -> None:
+    """Draws the training loss per step (the sum of the loss parts) on ``ax``, with a running mean
+    over 10 steps (in a notebook: ``fig, ax = plt.subplots(); plot_loss(ax, losses)``)."""
     steps = range(from_step + 1, from_step + len(loss) + 1)
     ax.plot(steps, loss, color="#bbbbbb", linewidth=1, label="step")
     mean = [sum(loss[max(0, k - 9) : k + 1]) / len(loss[max(0, k - 9) : k + 1]) for k in range(len(loss))]
@@ -46,7 +53,6 @@ def loss_figure(loss: list[float], from_step: int = 0):
     ax.set_ylabel("training loss")
     ax.set_title("training loss")
     ax.legend(fontsize=8)
-    return fig
 
 
 def _ap_bars(after: Evaluation, before: Evaluation | None) -> str:

@@ -169,8 +169,8 @@ fn version_check(version: &str) -> Result<()> {
     if env_var_rerun("LIBTORCH_BYPASS_VERSION_CHECK").is_ok() {
         return Ok(());
     }
-    let series = version.rsplit_once('.').map_or(version, |(series, _)| series);
-    if !SUPPORTED_SERIES.contains(&series) {
+    let series = version.split('.').take(2).collect::<Vec<_>>().join(".");
+    if !SUPPORTED_SERIES.contains(&series.as_str()) {
         anyhow::bail!("detgraft builds against PyTorch {}, got {version}, this check can be bypassed by setting the LIBTORCH_BYPASS_VERSION_CHECK environment variable", SUPPORTED_SERIES.join(", "))
     }
     Ok(())
@@ -253,11 +253,17 @@ impl SystemInfo {
             let lib = env_var_rerun("LIBTORCH_LIB")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| libtorch.clone());
-            let mut version_file = libtorch;
+            let mut version_file = libtorch.clone();
             version_file.push("build-version");
             if version_file.exists() {
                 if let Ok(version) = std::fs::read_to_string(&version_file) {
                     version_check(&version)?
+                }
+            } else if let Ok(text) = std::fs::read_to_string(libtorch.join("version.py")) {
+                // detgraft: the torch folder of a PyTorch wheel says its version in version.py
+                let line = text.lines().find(|l| l.starts_with("__version__"));
+                if let Some(version) = line.and_then(|l| l.split(['\'', '"']).nth(1)) {
+                    version_check(version)?
                 }
             }
             libtorch_include_dirs.push(includes.join("include"));
