@@ -183,17 +183,15 @@ def named_weights(name: str, weights) -> torchvision.models.WeightsEnum | None:
     return None
 
 
-def download_weights(w: torchvision.models.WeightsEnum) -> Path:
-    """``w``'s file in torch's hub cache, downloaded as torchvision downloads it (progress bar,
-    torchvision's hash check) when it is not there yet."""
+def pretrained(name: str, w: torchvision.models.WeightsEnum) -> nn.Module:
+    """torchvision's ``name`` with weights ``w``, which torchvision itself reads from torch's hub
+    cache or downloads there (progress bar, its hash check); offline or corrupt, a clear error."""
     cached = weights_cache_path(w)
-    if cached.is_file():
-        return cached
-    log.info("downloading %s to %s", w.url, cached)
-    cached.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(w.url, str(cached), hash_prefix=_hash_prefix(cached), progress=True)
-    except RuntimeError as err:  # torch.hub's hash check
+        return torchvision.models.get_model(name, weights=w, progress=True)
+    except RuntimeError as err:
+        if "invalid hash value" not in str(err):
+            raise
         raise ValueError(f"the download of {w.url} is not the file torchvision expects ({err}); nothing kept") from None
     except OSError as err:  # URLError, a refused or timed-out connection
         raise FileNotFoundError(
@@ -201,20 +199,12 @@ def download_weights(w: torchvision.models.WeightsEnum) -> Path:
             f"{cached.name} (from {w.url}) into {cached.parent} (torch.hub.get_dir()/checkpoints; set TORCH_HOME to "
             "move it), or pass a state-dict file as weights"
         ) from None
-    return cached
-
-
-def _hash_prefix(file: Path) -> str | None:
-    """torchvision's file names end in the first digits of the file's SHA-256 (``name-258fb6c6.pth``)."""
-    tail = file.stem.rsplit("-", 1)[-1]
-    return tail if "-" in file.stem and len(tail) >= 8 and all(c in "0123456789abcdef" for c in tail) else None
 
 
 def _load_torchvision(name: str, weights, classes) -> tuple[nn.Module, ModelCard]:
     w = named_weights(name, weights)
     if w is not None:
-        download_weights(w)
-        net = torchvision.models.get_model(name, weights=w, progress=False)  # reads the cached file
+        net = pretrained(name, w)
         names, source = list(w.meta["categories"]), str(w)
     else:
         state_dict = read_state_dict(weights)
