@@ -6,7 +6,7 @@
 Takes every model that ``benchmarks/sizes.py`` trained (three draws of 10, 30 and 50 images per
 new class, and all images; default settings). One detection pass over ``val`` per model records
 what the merge receives for each image (every source's detections and the base's features at
-their boxes); the package's own ``detgraft.arbitration.arbitrate`` is then replayed on them with
+their boxes); the package's own ``detgraft.heads.merge.arbitrate`` is then replayed on them with
 each variant:
 
 - merge off: the base's detections untouched; score only: the stronger claim wins (what an
@@ -29,7 +29,7 @@ each variant:
 - with old-class images: a copy calibrated as ``detgraft extend --old-images`` does, with the
   ``OLD_IMAGES`` (300) images evenly spaced over ``base_train`` (base classes only, as COCO images
   are for a COCO model), each contested detection compared with the k-th nearest old object, k =
-  share x old memory / new memory (``detgraft.arbitration.old_rank``; share 0: the nearest); and
+  share x old memory / new memory (``detgraft.heads.merge.old_rank``; share 0: the nearest); and
   with share 1.5, or with new claims from 0.3, which lower more.
 
 With ``--val2``, every variant is also scored on a second val set generated with another seed
@@ -57,11 +57,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft import arbitration, branch  # noqa: E402
-from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
+from detgraft.data.batches import TrainingSet  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.data.images import load_image  # noqa: E402
+from detgraft.evaluation.metrics import detect, evaluate  # noqa: E402
 from detgraft.extend import OLD_IMAGES, _spaced  # noqa: E402
-from detgraft.image_files import load_image  # noqa: E402
-from detgraft.training_data import TrainingSet  # noqa: E402
+from detgraft.heads import merge as arbitration  # noqa: E402
+from detgraft.heads import rcnn as branch  # noqa: E402
 
 HERE = Path(__file__).parent
 MODELS = {str(k): [f"k{k}-draw{d}" for d in range(3)] for k in (10, 30, 50)} | {"all": ["all"]}
@@ -109,10 +111,10 @@ def replay(model, data, seen, variant: dict, copies: dict | None = None) -> dict
         arbitration._lowered,
         arbitration._calibrated,
         arbitration.old_rank,
-        arbitration._nearest,
+        arbitration.nearest,
     )
     if "nearest_new_from" in variant:
-        arbitration._nearest = nearest_new_from(nearest, fake.new_memory, variant["nearest_new_from"])
+        arbitration.nearest = nearest_new_from(nearest, fake.new_memory, variant["nearest_new_from"])
     if variant.get("times_doubt"):
         arbitration._lowered = _times_doubt
     if "share" in variant:
@@ -128,7 +130,7 @@ def replay(model, data, seen, variant: dict, copies: dict | None = None) -> dict
             detections[im["id"]] = {"boxes": boxes[:n], "scores": scores[:n], "labels": labels[:n]}
     finally:
         arbitration._lowered, arbitration._calibrated, arbitration.old_rank = lowered, calibrated, old_rank
-        arbitration._nearest = nearest
+        arbitration.nearest = nearest
     ev = evaluate(model, data, detections=detections)
     return {
         "old_ap": round(ev.groups["old"]["ap"], 4),
@@ -202,7 +204,7 @@ def recalibrated(model, folder: Path, mirrored: bool = False, old_images: list[P
     data = TrainingSet(train, {ids[name]: label for name, label in settings["mapping"].items()})
     other = copy.deepcopy(model)
     images = (load_image(p).float().div(255) for p in old_images)
-    arbitration.calibrate(other, (data.example(i) for i in range(len(data))), mirrored=mirrored, old_images=images)
+    detgraft.calibrate(other, (data.example(i) for i in range(len(data))), mirrored=mirrored, old_images=images)
     return other
 
 
@@ -332,7 +334,7 @@ def table(res: dict) -> str:
         "Command: `python benchmarks/arbitration.py --data $DATA --runs $RUNS --val2 $VAL2/val.json` (after "
         "`benchmarks/sizes.py`; $VAL2: `../shared/bench/emojicoco.py --seed 1 --scale 2 --splits val --out $VAL2`): "
         "the models of every size and draw, one detection pass over each val set, "
-        "`detgraft.arbitration.arbitrate` replayed with each variant. Cells: old AP x base / new AP / old-on-new, the "
+        "`detgraft.heads.merge.arbitrate` replayed with each variant. Cells: old AP x base / new AP / old-on-new, the "
         "mean over the draws (3 per few-data size). Figure: [arbitration.png](arbitration.png). The rows added "
         "later were replayed with `--missing-only` (the default and every variant without rows in "
         "arbitration.json; the other rows are kept from the full run before; the default's rows are the same in "

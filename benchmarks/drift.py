@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft.evaluate import _label_to_category, _results, coco_eval, detect, drift, evaluate, load_dataset  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.evaluation.metrics import _results, coco_eval, detect, drift, evaluate, label_to_category  # noqa: E402
 
 HERE = Path(__file__).parent
 MODELS = {
@@ -56,7 +57,7 @@ def order(scores: dict[str, float]) -> str:
 def old_ap_bootstrap(data, base, detections: dict[str, dict], resamples: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Labelled old-class AP of each model on ``resamples`` bootstrap resamples of the images (the same
     resamples for every model, so differences are paired)."""
-    mapping = _label_to_category(base, data)  # the base's classes are the old ones
+    mapping = label_to_category(base, data)  # the base's classes are the old ones
     old = sorted(set(mapping.values()) & {a["category_id"] for a in data.coco["annotations"]})
     ids = [im["id"] for im in data.coco["images"]]
     annotations: dict[int, list] = {i: [] for i in ids}

@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
 import detgraft  # noqa: E402
+from detgraft.data.images import (
+    find_images,  # noqa: E402
+    load_image,  # noqa: E402
+)
 from detgraft.export import export  # noqa: E402
-from detgraft.image_files import load_image  # noqa: E402
-from detgraft.predict import find_images  # noqa: E402
 
 HERE = Path(__file__).parent
 MODELS = {"branch (the default)": "k10-draw0", "head": "head-k10-draw0"}

@@ -40,11 +40,13 @@ from arbitration import with_claim  # noqa: E402
 from sizes import STEP1, shown, train  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
-from detgraft.extend import auto_lr  # noqa: E402
-from detgraft.incremental import freeze_batchnorm  # noqa: E402
-from detgraft.loading import _read_classes  # noqa: E402
-from detgraft.training_data import TrainingSet  # noqa: E402
+from detgraft.data.batches import TrainingSet  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.evaluation.metrics import detect, evaluate  # noqa: E402
+from detgraft.model.families import by_name  # noqa: E402
+from detgraft.model.loading import read_classes as _read_classes  # noqa: E402
+from detgraft.settings import auto_lr  # noqa: E402
+from detgraft.strategies.incremental import freeze_batchnorm  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -164,14 +166,14 @@ def score_model(model, test) -> dict:
     return row
 
 
-CLAIMS = (0.5, 0.6, 0.7)  # the claim score of detgraft.arbitration (0.5), and higher ones
+CLAIMS = (0.5, 0.6, 0.7)  # the claim score of detgraft.heads.merge (0.5), and higher ones
 
 
 def claims_on_val(args, name: str) -> list[dict]:
     """The step-1 model of ``name`` on val: merge off, then merged with each claim score of
     ``CLAIMS`` (the score a new detection needs to lower an old one): what the merge costs and
     gives, the way the default was chosen for Faster R-CNN (``benchmarks/arbitration.py``)."""
-    from detgraft import arbitration
+    from detgraft.heads import merge as arbitration
 
     val = load_dataset(args.data / "val.json", args.data / "images")
     base = score(args.runs / f"{name}-base", val)
@@ -196,13 +198,14 @@ LR_GRID = (0.01, 0.02, 0.05)  # benchmarks/lr_grid.py's grid
 
 def lr_grid_on_val(args, family: str, name: str) -> list[dict]:
     """Step 1 of ``name`` at each rate of ``LR_GRID`` (``--lr LR``; the default rate's run is
-    ``$RUNS/{name}-all`` itself), scored on val: how ``detgraft.extend.AUTO_LR_ONE_STAGE`` was chosen
+    ``$RUNS/{name}-all`` itself), scored on val: how the branch's ``lr`` of FCOS and RetinaNet
+    (``detgraft.model.families``) was chosen
     (the best mean of old-class AP x base and new-class AP, as ``benchmarks/lr_grid.py`` chooses)."""
     val = load_dataset(args.data / "val.json", args.data / "images")
     base = score(args.runs / f"{name}-base", val)
     rows = []
     for lr in LR_GRID:
-        default = lr == auto_lr("branch", family)
+        default = lr == auto_lr("branch", by_name(family))
         out = args.runs / (f"{name}-all" if default else f"{name}-all-lr{lr}")
         flags = ["--base", str(args.runs / f"{name}-base")] + ([] if default else ["--lr", str(lr)])
         run = train(args, out, args.data / "new_train.json", flags)
@@ -306,11 +309,11 @@ def table(rows: dict) -> str:
     lines += [
         "",
         "Mask R-CNN: the branch trains a mask predictor of its own classes on the base's frozen mask head, where "
-        "masks are given (at most 8 positives per batch, `detgraft.branch.MASK_ROIS`; with 16, at commit "
+        "masks are given (at most 8 positives per batch, `detgraft.heads.rcnn.MASK_ROIS`; with 16, at commit "
         "999bd3a, the same command took 330 s and reached new mask AP 0.492, with the same box APs); old "
         "detections keep the base's masks. Step 1 trains with detgraft's Rust NMS and RoIAlign since commit "
         "7557aed (the same weights, bit for bit; 303 s before). FCOS and RetinaNet: the branch is a "
-        "classification head of its own on the frozen FPN (`detgraft.dense_branch`), calibrated "
+        "classification head of its own on the frozen FPN (`detgraft.heads.dense`), calibrated "
         "(`detgraft.calibrate`) on the base classification tower's features at the boxes.",
     ]
     for family, row in rows.items():
@@ -319,7 +322,8 @@ def table(rows: dict) -> str:
         lines += [
             "",
             f"{TITLES[family]} step 1 on val at each learning rate (`--lr`; the rate with the best mean of old x base "
-            "and new AP is the default, `detgraft.extend.AUTO_LR_ONE_STAGE`): `python benchmarks/families.py --bench "
+            "and new AP is the default, the branch's `lr` of FCOS and RetinaNet in `detgraft.model.families`): "
+            "`python benchmarks/families.py --bench "
             f"../shared/bench --data $DATA --runs $RUNS --families {family} --claims`",
             "",
             "| lr | old AP x base | new AP | old-on-new | mean of the two APs | command |",
@@ -340,7 +344,7 @@ def table(rows: dict) -> str:
             f"{TITLES[family]} step 1 on val (base old AP {base['base_old_ap']:.3f}, old-on-new "
             f"{base['base_old_on_new']}), merge off and at each claim score (the calibrated score a new detection "
             "needs to lower an old one; detgraft's: 0.6 for one-stage models, "
-            "`detgraft.arbitration.ONE_STAGE_CLAIM_SCORE`, chosen here; 0.5 for R-CNNs): "
+            "`detgraft.heads.merge.ONE_STAGE_CLAIM_SCORE`, chosen here; 0.5 for R-CNNs): "
             f"`python benchmarks/families.py --bench ../shared/bench --data $DATA --runs $RUNS --families {family} "
             "--claims`",
             "",
@@ -356,7 +360,8 @@ def table(rows: dict) -> str:
             "",
             f"The RetinaNet base is too weak for its step-1 row to say much (old-class AP "
             f"{retina['base']['old_ap']:.3f} after {retina['base']['head_steps']} steps), and the branch trained on "
-            "it at the default `--lr 0.05` from the zero-weight start reaches new AP "
+            "it (run before one-stage branches defaulted to `--lr 0.01`: at 0.05, the default of the time) from the "
+            "zero-weight start reaches new AP "
             f"{retina['step1']['new_ap']:.3f}.",
         ]
     return "\n".join(lines)

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 from sizes import shown  # noqa: E402
 
-from detgraft.evaluate import load_dataset  # noqa: E402
-from detgraft.writers import write_voc, write_yolo  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.data.writers import write_voc, write_yolo  # noqa: E402
 
 HERE = Path(__file__).parent
 

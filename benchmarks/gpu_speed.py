@@ -34,11 +34,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft.evaluate import load_dataset  # noqa: E402
-from detgraft.extend import ExtendSettings, class_mapping, optimizer_and_schedule  # noqa: E402
-from detgraft.extend import _train as extend_loop  # noqa: E402
-from detgraft.loading import torchvision_builder  # noqa: E402
-from detgraft.training_data import TrainingSet  # noqa: E402
+from detgraft.data.batches import TrainingSet  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.extend import class_mapping  # noqa: E402
+from detgraft.model.loading import torchvision_builder  # noqa: E402
+from detgraft.settings import ExtendSettings  # noqa: E402
+from detgraft.train import optimizer_and_schedule  # noqa: E402
+from detgraft.train import train_loop as extend_loop  # noqa: E402
 
 HERE = Path(__file__).parent
 

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft.evaluate import Dataset, detect, evaluate, load_dataset  # noqa: E402
+from detgraft.data.dataset import Dataset, load_dataset  # noqa: E402
+from detgraft.evaluation.metrics import detect, evaluate  # noqa: E402
 
 HERE = Path(__file__).parent
 # (SGD lr, steps) per strategy. The strategies that back-propagate through the whole network take
@@ -99,8 +100,10 @@ def oracle_run(args) -> None:
     """(in a child process) the widened base fine-tuned with every label: base_train + new_train_full."""
     import resource
 
-    from detgraft.extend import ExtendSettings, _train, optimizer_and_schedule
-    from detgraft.training_data import TrainingSet
+    from detgraft.data.batches import TrainingSet
+    from detgraft.settings import ExtendSettings
+    from detgraft.train import optimizer_and_schedule
+    from detgraft.train import train_loop as _train
 
     start = time.perf_counter()
     torch.manual_seed(0)

@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft.evaluate import load_dataset  # noqa: E402
-from detgraft.extend import ExtendSettings, class_mapping, optimizer_and_schedule  # noqa: E402
-from detgraft.training_data import TrainingSet, training_batches  # noqa: E402
+from detgraft.data.batches import TrainingSet, training_batches  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.extend import class_mapping  # noqa: E402
+from detgraft.settings import ExtendSettings  # noqa: E402
+from detgraft.train import optimizer_and_schedule  # noqa: E402
 
 HERE = Path(__file__).parent
 

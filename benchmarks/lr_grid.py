@@ -27,8 +27,9 @@ from _results import write_section  # noqa: E402
 from sizes import STEP1, draw, scored, shown  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
-from detgraft.extend import AUTO_LR  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.evaluation.metrics import detect, evaluate  # noqa: E402
+from detgraft.model.families import FASTER_RCNN  # noqa: E402
 
 HERE = Path(__file__).parent
 GRID = (0.01, 0.02, 0.05)
@@ -38,7 +39,7 @@ DRAW = 0
 
 def folder(runs: Path, strategy: str, lr: float, k: int) -> Path:
     """sizes.py's folder for the default rate, else one of this script's (``k`` images per class)."""
-    if lr == AUTO_LR[strategy]:
+    if lr == FASTER_RCNN.lr[strategy]:
         return runs / (f"k{k}-draw{DRAW}" if strategy == "branch" else f"{strategy}-k{k}-draw{DRAW}")
     return runs / f"{strategy}-k{k}-draw{DRAW}-lr{lr}"
 
@@ -104,7 +105,7 @@ def main() -> None:
         got = scored(folder(args.runs, strategy, best["lr"], k), test, STEP1, merge_off=False)
         chosen[strategy] = {
             "lr": best["lr"],
-            "default_lr": AUTO_LR[strategy],
+            "default_lr": FASTER_RCNN.lr[strategy],
             "test_old_x_base": round(got["old_ap"] / base_old["test"], 4),
             "test_new_ap": got["new_ap"],
             "test_old_on_new": got["old_on_new"],

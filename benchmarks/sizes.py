@@ -36,13 +36,14 @@ from _results import write_section  # noqa: E402
 from sizes_table import SIZES, table  # noqa: E402
 
 import detgraft  # noqa: E402
-from detgraft.evaluate import detect, evaluate, load_dataset  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.evaluation.metrics import detect, evaluate  # noqa: E402
 
 HERE = Path(__file__).parent
 # the code between a model's weights and its detections on the branch path: a cached score is only
 # reused for the same weights and the same code
 INFERENCE_CODE = hashlib.sha256(
-    b"".join((Path(detgraft.__file__).parent / f).read_bytes() for f in ("arbitration.py", "branch.py"))
+    b"".join((Path(detgraft.__file__).parent / f).read_bytes() for f in ("heads/merge.py", "heads/rcnn.py"))
 ).hexdigest()[:16]
 DRAWS = (0, 1, 2)
 STEP1, STEP2 = ("chicken", "frog"), ("duck", "turtle", "penguin")

@@ -33,12 +33,14 @@ from sizes import shown  # noqa: E402
 
 import detgraft  # noqa: E402
 from detgraft import ops  # noqa: E402
-from detgraft.evaluate import load_dataset  # noqa: E402
-from detgraft.extend import ExtendSettings, class_mapping, optimizer_and_schedule  # noqa: E402
-from detgraft.extend import _train as extend_loop  # noqa: E402  (extend's own training loop)
-from detgraft.image_files import load_image  # noqa: E402
-from detgraft.incremental import STRATEGIES  # noqa: E402
-from detgraft.training_data import TrainingSet  # noqa: E402
+from detgraft.data.batches import TrainingSet  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
+from detgraft.data.images import load_image  # noqa: E402
+from detgraft.extend import class_mapping  # noqa: E402
+from detgraft.settings import ExtendSettings  # noqa: E402
+from detgraft.strategies.incremental import STRATEGIES  # noqa: E402
+from detgraft.train import optimizer_and_schedule  # noqa: E402
+from detgraft.train import train_loop as extend_loop  # noqa: E402  (extend's own training loop)
 
 HERE = Path(__file__).parent
 ROUNDS = 3  # passes over the 64 images for latency

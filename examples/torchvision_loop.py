@@ -20,7 +20,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 import detgraft
-from detgraft.predict import find_images
+from detgraft.data.images import find_images
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -116,7 +116,7 @@ def main() -> None:
 
 
 def old_class_images(folder: str | None, most: int = 300):
-    """Up to ``most`` images of ``folder`` (``detgraft.predict.find_images``) as float tensors in 0..1 (none without
+    """Up to ``most`` images of ``folder`` (``detgraft.data.images.find_images``) as float tensors in 0..1 (none without
     a folder)."""
     if folder is None:
         return []

@@ -13,7 +13,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::surgery::Predictor;
+use crate::predictor::Predictor;
 
 /// Logit gap below background used by `preserve`: a new class's probability is at most
 /// e^-16 ≈ 1.13e-7 times the background's, for every input, so the old classes' scores change by
@@ -209,8 +209,20 @@ fn normal_noise(seed: u64, rows: i64, cols: i64, kind: Kind, device: Device) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::surgery::tests::predictor;
-    use crate::surgery::widen;
+    use crate::layout::append;
+    use crate::predictor::tests::predictor;
+    use crate::predictor::{BOX_LAYOUT, CLS_LAYOUT};
+
+    /// The predictor with the rows of `init` appended, as `surgery::widen` appends them.
+    fn widen(old: &Predictor, num_new: i64, init: &Init) -> Result<Predictor> {
+        let rows = new_rows(old, num_new, init)?;
+        Ok(Predictor {
+            cls_weight: append(&old.cls_weight, CLS_LAYOUT, &rows.cls_weight)?,
+            cls_bias: append(&old.cls_bias, CLS_LAYOUT, &rows.cls_bias)?,
+            bbox_weight: append(&old.bbox_weight, BOX_LAYOUT, &rows.bbox_weight)?,
+            bbox_bias: append(&old.bbox_bias, BOX_LAYOUT, &rows.bbox_bias)?,
+        })
+    }
 
     /// Class probabilities, computed in float64 (inputs and weights converted before the
     /// product). Float32 products of differently shaped matrices round differently on different

@@ -5,6 +5,7 @@ pub mod error;
 pub mod init;
 pub mod layout;
 pub mod nms;
+pub mod predictor;
 pub mod real;
 pub mod roi_align;
 pub mod surgery;
@@ -15,8 +16,8 @@ use pyo3_tch::PyTensor;
 use crate::init::Init;
 use crate::layout::{Fill, Layout};
 use crate::nms::Kernel;
+use crate::predictor::Predictor;
 use crate::roi_align::Params;
-use crate::surgery::Predictor;
 
 /// Widens a FastRCNNPredictor's tensors by `num_new` classes.
 ///

@@ -13,7 +13,7 @@ from torchvision.io import write_png
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_model  # noqa: E402
-from detgraft.evaluate import load_dataset  # noqa: E402
+from detgraft.data.dataset import load_dataset  # noqa: E402
 
 TINY_BUILDER = f"{Path(__file__).parent / 'tiny_model.py'}:build"
 
@@ -85,3 +85,25 @@ def write_coco(tmp_path, name, categories, boxes_per_image, count=6):
             )
     (tmp_path / f"{name}.json").write_text(json.dumps(coco))
     return load_dataset(tmp_path / f"{name}.json", folder)
+
+
+def as_saved_by_detgraft_0_1(folder) -> None:
+    """Rewrites the checkpoint in ``folder`` with the names detgraft 0.1 wrote: ``frozen_batchnorm``
+    and ``batchnorm_frozen``, the branch layout's ``base_width``, ``kind: dense`` and
+    ``num_classes`` (an R-CNN branch's counting its background, a dense branch's not)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "detgraft.json"
+    meta = json.loads(path.read_text())
+    meta["frozen_batchnorm"] = meta.pop("torchvision_frozen_batchnorm")
+    meta["batchnorm_frozen"] = meta.pop("detgraft_frozen_batchnorm")
+    layout = meta["branches"]
+    if layout:
+        layout["base_width"] = layout.pop("old_num_classes")
+        dense = "others" not in layout["branches"][0]
+        if dense:
+            layout["kind"] = "dense"
+        for branch in layout["branches"]:
+            branch["num_classes"] = branch.pop("num_new") + (0 if dense else 1)
+    path.write_text(json.dumps(meta, indent=1))

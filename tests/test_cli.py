@@ -90,7 +90,7 @@ def test_detgraft_imports_and_extends_where_resource_does_not_exist():
     code = (
         "import sys; sys.modules['resource'] = None\n"
         "import detgraft\n"
-        "from detgraft.extend import peak_memory_mb\n"
+        "from detgraft.train import peak_memory_mb\n"
         "assert peak_memory_mb() is None\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

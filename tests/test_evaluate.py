@@ -15,7 +15,8 @@ from torchvision.io import write_png
 import detgraft
 from conftest import TINY_BUILDER
 from detgraft.cli import main
-from detgraft.evaluate import Dataset, compare, confusions, drift, evaluate
+from detgraft.data.dataset import Dataset
+from detgraft.evaluation.metrics import compare, confusions, drift, evaluate
 from tiny_model import build, images
 
 NAMES = ["__background__", "person", "bird", "N/A", "cup", "laptop"]
@@ -227,7 +228,7 @@ def _truth_from_detections(tmp_path, model, name: str, seed: int) -> Path:
     """A COCO json whose boxes are ``model``'s own detections on 4 noise images (PNGs in
     ``tmp_path/images``): one kept as it is, one moved by a few pixels, one object added that it
     misses, so that AP is neither 0 nor 1. Boxes are not whole pixels, as in real exports."""
-    from detgraft.image_files import load_image
+    from detgraft.data.images import load_image
 
     folder = tmp_path / "images"
     folder.mkdir(exist_ok=True)
@@ -262,11 +263,11 @@ def _truth_from_detections(tmp_path, model, name: str, seed: int) -> Path:
 
 
 def test_voc_and_yolo_data_score_exactly_as_the_same_coco_json(tmp_path):
-    """COCO json -> Pascal VOC and YOLO (detgraft.writers) -> ``detgraft eval``: the same AP for
+    """COCO json -> Pascal VOC and YOLO (detgraft.data.writers) -> ``detgraft eval``: the same AP for
     every class and group, to the last digit; a data.yaml is scored on its val split, never silently
     on train."""
-    from detgraft.evaluate import load_dataset
-    from detgraft.writers import write_voc, write_yolo
+    from detgraft.data.dataset import load_dataset
+    from detgraft.data.writers import write_voc, write_yolo
 
     weights, classes = tmp_path / "tiny.safetensors", tmp_path / "names.json"
     safetensors.torch.save_file(build().state_dict(), str(weights))
@@ -293,8 +294,8 @@ def test_voc_and_yolo_data_score_exactly_as_the_same_coco_json(tmp_path):
 
 
 def test_a_data_yaml_without_the_split_asked_for_is_an_error(tmp_path, caplog):
-    from detgraft.readers import read_dataset
-    from detgraft.writers import write_yolo
+    from detgraft.data.readers import read_dataset
+    from detgraft.data.writers import write_yolo
 
     data = dataset(tmp_path, GT, CATEGORIES)
     yolo = write_yolo(data, tmp_path / "yolo", split="train")
@@ -308,9 +309,9 @@ def test_a_data_yaml_without_the_split_asked_for_is_an_error(tmp_path, caplog):
 def test_difficult_objects_are_neither_hit_nor_miss(tmp_path):
     """VOC ``difficult`` (COCO ``iscrowd``): a detection on it does not count as a false alarm, and
     missing it does not count as a miss; the same AP as data without it and without that detection."""
-    from detgraft.evaluate import coco_eval
-    from detgraft.readers import read_dataset
-    from detgraft.writers import write_voc
+    from detgraft.data.readers import read_dataset
+    from detgraft.data.writers import write_voc
+    from detgraft.evaluation.metrics import coco_eval
 
     plain = [(1, 1, [5, 5, 20, 20]), (2, 1, [10, 30, 15, 15])]
     data = dataset(tmp_path, [*plain, (1, 1, [30, 30, 20, 25]), (2, 1, [40, 2, 20, 10])], CATEGORIES)
@@ -334,7 +335,7 @@ def test_a_report_leaves_matplotlib_s_backend_alone_and_draws_the_loss(tmp_path)
     call matplotlib.use("Agg"))."""
     import matplotlib
 
-    from detgraft.report import write_report
+    from detgraft.evaluation.report import write_report
 
     model = tiny_with_names()
     data = dataset(tmp_path, GT, CATEGORIES)

@@ -10,7 +10,7 @@ import detgraft
 from conftest import TINY_BUILDER
 from detgraft.cli import main
 from detgraft.export import export
-from detgraft.incremental import incremental
+from detgraft.strategies.incremental import incremental
 from tiny_model import build, images
 
 
@@ -32,7 +32,8 @@ def test_a_head_model_exports_to_torchscript_with_the_same_detections(tmp_path):
 def claiming_branch_model():
     """A calibrated branch model whose branch sees chickens and frogs everywhere, and whose merge
     takes every old detection a new one claims for a false alarm: the merge acts on every image."""
-    from detgraft.arbitration import calibrate, set_arbitration
+    from detgraft.heads.merge import set_arbitration
+    from detgraft.strategies.calibrate import calibrate
 
     model = build()
     detgraft.expand_predictor(model, ["chicken", "frog"])

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -18,8 +19,10 @@ import detgraft
 from conftest import TINY_BUILDER, write_coco
 from detgraft import ops
 from detgraft.cli import _parser, main
-from detgraft.extend import ExtendSettings, auto_lr, extend
-from detgraft.image_files import ImageError
+from detgraft.data.images import ImageError
+from detgraft.extend import extend
+from detgraft.model.families import by_name
+from detgraft.settings import ExtendSettings, auto_lr
 from tiny_model import build
 from tiny_model import images as tiny_images
 
@@ -151,7 +154,7 @@ def test_extend_command_writes_checkpoint_settings_log_and_evaluation(train, tmp
 
 
 def test_extend_scores_a_voc_val_exactly_as_eval_scores_the_same_coco_json(train, tmp_path):
-    from detgraft.writers import write_voc
+    from detgraft.data.writers import write_voc
 
     weights = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file(build().state_dict(), str(weights))
@@ -187,7 +190,7 @@ def test_a_new_class_without_a_box_is_an_error_that_names_it(tmp_path):
 
 
 def test_the_default_budget_follows_the_data_and_is_recorded(train, tmp_path):
-    from detgraft.extend import AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps
+    from detgraft.settings import AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps
 
     assert auto_steps(17, 8) == AUTO_MIN_STEPS  # a few images: the floor, not the full run's steps
     assert auto_steps(600, 8) == min(AUTO_MAX_STEPS, AUTO_EPOCHS * 600 // 8)
@@ -230,9 +233,10 @@ def test_old_class_images_reach_the_arbitration_and_are_recorded(train, tmp_path
 
 def test_the_default_learning_rate_follows_the_strategy_and_family(train, tmp_path):
     # the whole-network strategies diverge at the heads' rate: naive gave a NaN loss at 0.05
-    assert auto_lr("branch", "faster_rcnn") == 0.05 and auto_lr("head", "mask_rcnn") == 0.05
-    assert all(auto_lr(s, "faster_rcnn") == 0.01 for s in ("naive", "pseudo", "distill"))
-    assert auto_lr("branch", "fcos") == auto_lr("branch", "retinanet") == 0.01 and auto_lr("head", "fcos") == 0.05
+    rcnn, mask, fcos, retinanet = (by_name(n) for n in ("faster_rcnn", "mask_rcnn", "fcos", "retinanet"))
+    assert auto_lr("branch", rcnn) == 0.05 and auto_lr("head", mask) == 0.05
+    assert all(auto_lr(s, rcnn) == 0.01 for s in ("naive", "pseudo", "distill"))
+    assert auto_lr("branch", fcos) == auto_lr("branch", retinanet) == 0.01 and auto_lr("head", fcos) == 0.05
     assert ExtendSettings().lr is None  # auto: extend resolves it, knowing the model's family
     assert ExtendSettings(strategy="naive", lr=0.02).lr == 0.02
     extend(base_model(), train, settings(lr=None), out=tmp_path / "run")
@@ -283,3 +287,16 @@ def test_without_tensorboard_the_flag_is_one_line_with_the_pip_command(train, tm
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     with pytest.raises(MissingPackage, match=r"^--tensorboard needs tensorboard: pip install tensorboard$"):
         extend(base_model(), train, settings(steps=1), out=tmp_path / "out", tensorboard=tmp_path / "tb")
+
+
+def test_replay_matches_class_names_as_the_training_file_does():
+    """A --replay category is matched to the model's class by ``normalize_name``, as --train's are:
+    'traffic_light' is the model's 'traffic light' (detgraft 0.1 dropped it: it compared lower())."""
+    from detgraft.data.dataset import Dataset
+    from detgraft.extend import replay_labels
+    from detgraft.model.card import ModelCard
+
+    card = ModelCard(classes=["__background__", "traffic light", "N/A", "Person"])
+    categories = [{"id": 7, "name": "traffic_light"}, {"id": 8, "name": "person"}, {"id": 9, "name": "zebra"}]
+    replay = Dataset({"images": [], "annotations": [], "categories": categories}, Path("."))
+    assert replay_labels(replay, card) == {7: 1, 8: 3}

@@ -14,13 +14,14 @@ import torch
 import torchvision
 
 import detgraft
-from conftest import assert_same_detections, detect, detect64, preserve_rtol, write_coco
-from detgraft import families
+from conftest import as_saved_by_detgraft_0_1, assert_same_detections, detect, detect64, preserve_rtol, write_coco
 from detgraft.cli import main
-from detgraft.evaluate import evaluate
-from detgraft.extend import ExtendSettings, extend
-from detgraft.predict import predict_files
-from detgraft.training_data import TrainingSet
+from detgraft.data.batches import TrainingSet
+from detgraft.evaluation.metrics import evaluate
+from detgraft.evaluation.predict import predict_files
+from detgraft.extend import extend
+from detgraft.model import families
+from detgraft.settings import ExtendSettings
 from tiny_model import images
 
 SMALL = {"min_size": 128, "max_size": 128}
@@ -82,7 +83,7 @@ def test_widening_keeps_every_detection(name):
     model = build(name)
     before = detect64(model, pictures())
     detgraft.expand_predictor(model, ["chicken", "frog"])
-    assert families.family(model) == FAMILY[name]
+    assert families.family(model).name == FAMILY[name]
     assert families.num_classes(model) == NUM_CLASSES + 2
     assert detgraft.get_card(model).new_labels == [5, 6]
     after = detect64(model, pictures())
@@ -309,7 +310,7 @@ def _fire_branch(model, label: int) -> None:
     branch = model.head.branches[-1]
     conv = branch.head.cls_logits
     with torch.no_grad():
-        conv.bias.view(-1, branch.num_classes)[:, label - branch.first_label] = 5.0
+        conv.bias.view(-1, branch.num_new)[:, label - branch.first_label] = 5.0
 
 
 @pytest.mark.parametrize("name", ONE_STAGE)
@@ -375,6 +376,8 @@ def test_one_stage_branch_trains_only_the_branch(name, tmp_path):
     loaded = detgraft.load_model(tmp_path / "ckpt")
     _assert_equal(detect(loaded, pictures()), expected)
     assert any(len(d["labels"]) for d in expected)
+    as_saved_by_detgraft_0_1(tmp_path / "ckpt")  # a checkpoint of detgraft 0.1 loads the same
+    _assert_equal(detect(detgraft.load_model(tmp_path / "ckpt"), pictures()), expected)
 
 
 def test_extend_a_retinanet_with_the_default_strategy(tmp_path, capsys):

@@ -14,7 +14,7 @@ import torchvision
 import detgraft
 from conftest import write_coco
 from detgraft.cli import _parser, main
-from detgraft.loading import weights_cache_path
+from detgraft.model.builders import weights_cache_path
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -103,3 +103,66 @@ def test_ci_runs_the_readme_test_command():
     assert bash[0].strip().endswith("detgraft demo")
     assert bash[1].strip() == ". .venv/bin/activate && cargo test && pytest"
     assert "cargo test && pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+RESULTS_MD = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\w.]|\.\d)")
+
+
+def version_numbers() -> set[str]:
+    """The versions the README names (torch and torchvision series, the wheels' Pythons, tch): not
+    measurements."""
+    from detgraft._check_torch import SUPPORTED
+
+    tch = re.search(r'^tch = \{ version = "([\d.]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
+    pythons = re.search(r"PYTHONS:-([\d. ]+)\}", (ROOT / "scripts" / "build_wheels.sh").read_text()).group(1).split()
+    return set(SUPPORTED) | {v for v in SUPPORTED.values() if v} | set(pythons) | {tch}
+
+
+def recorded_values() -> list[float]:
+    """Every number in benchmarks/results.json but the loss curves (thousands of values, which a
+    README number would match by chance)."""
+    import json
+
+    values: list[float] = []
+
+    def walk(x, key: str = "") -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, k)
+        elif isinstance(x, list) and key != "loss":
+            for v in x:
+                walk(v, key)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            values.append(x)
+
+    walk(json.loads((ROOT / "benchmarks" / "results.json").read_text()))
+    return values
+
+
+def unrecorded(text: str, results_md: str, values: list[float]) -> list[str]:
+    """The decimal numbers of ``text`` (versions aside) found neither in ``results_md`` (the sections
+    the benchmark scripts write) nor, at the precision written, in ``values``."""
+    versions, missing = version_numbers(), []
+    for m in NUMBER.finditer(text):
+        n = m.group(1)
+        if n in versions:
+            continue
+        decimals = len(n.split(".")[1])
+        if re.search(rf"(?<![\d.]){re.escape(n)}(?!\d)", results_md) or any(f"{v:.{decimals}f}" == n for v in values):
+            continue
+        missing.append(f"{n} in '...{text[max(0, m.start() - 60) : m.end() + 20]}...'")
+    return missing
+
+
+def test_every_number_the_readme_states_is_recorded_by_a_benchmark():
+    """Every decimal number in the README is in benchmarks/results.json or in RESULTS.md (whose
+    sections the benchmark scripts write, each with its command). Integers (seconds, counts) are
+    not checked: too many of them match by chance."""
+    missing = unrecorded(README, RESULTS_MD, recorded_values())
+    assert not missing, "\n".join(missing)
+
+
+def test_the_readme_check_finds_a_number_no_benchmark_recorded():
+    found = unrecorded("new AP 0.7049 at lr 0.05 on torch 2.14", RESULTS_MD, recorded_values())
+    assert [f.split(" in ")[0] for f in found] == ["0.7049"]  # 0.05 is a recorded rate, 2.14 a version

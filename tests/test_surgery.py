@@ -10,7 +10,7 @@ from torch import nn
 import detgraft
 from conftest import assert_same_detections, detect, detect64, preserve_rtol
 from detgraft import _core
-from detgraft.card import coco_names
+from detgraft.model.card import coco_names
 from tiny_model import build, images
 
 

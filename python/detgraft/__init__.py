@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch  # noqa: F401  (libtorch must be loaded before the Rust extension)
 
 from . import _check_torch, _core  # noqa: F401  (in this order: the torch version is checked before the extension loads)
-from .arbitration import calibrate
-from .card import ModelCard, get_card
-from .checkpoint import load_checkpoint, save_checkpoint
-from .extend import ExtendSettings, extend
-from .incremental import freeze_batchnorm, incremental
-from .loading import load_model
-from .surgery import INITS, box_features, expand_predictor, expand_state_dict
+from .extend import extend
+from .model.card import ModelCard, get_card
+from .model.checkpoint import load_checkpoint, save_checkpoint
+from .model.loading import load_model
+from .model.surgery import INITS, box_features, expand_predictor, expand_state_dict
+from .settings import ExtendSettings
+from .strategies import freeze_batchnorm, incremental
+from .strategies.calibrate import calibrate
 
 __all__ = [
     "INITS",

@@ -13,27 +13,41 @@
 MODEL is what ``detgraft.load_model`` accepts: a checkpoint folder, a torchvision builder name with
 ``--weights DEFAULT|COCO_V1|FILE``, ``file.py:function`` with ``--weights FILE``, or a pickled model
 with ``--trust-pickle``. DATA is a COCO json (its images in ``--images``, else beside it), a Pascal
-VOC folder or split file, or a YOLO folder or data.yaml (``detgraft.readers``); every DATA is
-checked first (``detgraft.data_check``), and ``--skip-bad`` leaves out images that cannot be read.
+VOC folder or split file, or a YOLO folder or data.yaml (``detgraft.data.readers``); every DATA is
+checked first (``detgraft.data.check``), and ``--skip-bad`` leaves out images that cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import Counter
+from dataclasses import MISSING, fields
 
 import torch
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from . import families
-from .card import UNUSED, get_card
+from . import __version__, distributed
+from ._check_torch import BUILT_FOR
+from .data.check import check_dataset
+from .data.dataset import Dataset
+from .data.images import IMAGE_SUFFIXES, find_images, load_image
+from .data.readers import read_checked, read_dataset
+from .demo import run_demo
+from .evaluation.metrics import compare, detect, drift, evaluate
+from .evaluation.predict import predict_files
+from .evaluation.report import write_evaluation
+from .export import ExportMismatch, export
+from .extend import extend
 from .extras import MissingPackage
-from .loading import load_model
-from .predict import IMAGE_SUFFIXES, find_images, predict_files
+from .model import families
+from .model.card import UNUSED, get_card
+from .model.loading import load_model
+from .settings import ExtendSettings
 
 log = logging.getLogger("detgraft")
 
@@ -52,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> str:
-    from . import __version__
-    from ._check_torch import BUILT_FOR
 
     return f"detgraft {__version__} (Rust core built for torch {BUILT_FOR}; torch {torch.__version__} here)"
 
@@ -182,9 +194,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ``ExtendSettings`` field, same name, same default."""
-    from dataclasses import MISSING, fields
-
-    from .extend import ExtendSettings
 
     types = {"int": int, "float": float, "str": str, "float | None": _float_or_none, "int | None": _int_or_auto}
     for f in fields(ExtendSettings):
@@ -200,8 +209,6 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import ExportMismatch, export
-    from .image_files import load_image
 
     model = _load(args)
     images = None
@@ -227,7 +234,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
 
     run_demo(args.out, cache=args.cache, quick=args.quick)
     return 0
@@ -242,10 +248,6 @@ def _float_or_none(text: str) -> float | None:
 
 
 def _extend(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from . import distributed
-    from .extend import ExtendSettings, extend
 
     settings = ExtendSettings(**{f.name: getattr(args, f.name) for f in fields(ExtendSettings)})
     if not distributed.is_main():  # under torchrun rank 0 reports the data check (and all the rest)
@@ -289,9 +291,9 @@ def _inspect(args: argparse.Namespace) -> int:
     kind = families.family(model)
     params = list(model.parameters())
     summary = Table(title=f"model {args.model}", show_header=False)
-    summary.add_row("architecture", f"{type(model).__name__} (family {kind})")
+    summary.add_row("architecture", f"{type(model).__name__} (family {kind.name})")
     summary.add_row("backbone", type(getattr(model.backbone, "body", model.backbone)).__name__)
-    if kind in ("faster_rcnn", "mask_rcnn"):
+    if kind.two_stage:
         predictor = model.roi_heads.box_predictor
         summary.add_row(
             "box predictor",
@@ -306,7 +308,7 @@ def _inspect(args: argparse.Namespace) -> int:
         )
     heads = getattr(model, "roi_heads", None) or getattr(model, "head", None)
     for k, branch in enumerate(getattr(heads, "branches", [])):
-        first, last = branch.first_label, branch.first_label + branch.num_classes - 1 - hasattr(branch, "box_predictor")
+        first, last = branch.first_label, branch.first_label + branch.num_new - 1
         parts = "box head + predictor" if hasattr(branch, "box_predictor") else "classification head"
         if getattr(branch, "mask_predictor", None) is not None:
             parts += " + mask predictor"
@@ -349,31 +351,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_checked(
-    paths: list[str], images: str | None, skip_bad: bool, categories: str | None = None, split: str = "train"
-):
-    """The datasets at ``paths`` read (a YOLO data.yaml's ``split`` unless a path names one:
-    ``data.yaml:test``), checked (a problem to fix raises ``DataError``), narrowed to ``categories``
-    (``choose_categories``) and combined."""
-    from .data_check import check_dataset
-    from .readers import choose_categories, combine, read_dataset
-
-    checked = []
-    for path in paths:
-        data, report = check_dataset(read_dataset(path, images, split), skip_bad=skip_bad)
-        if categories:
-            data = choose_categories(data, categories)
-        counts = ", ".join(f"{k} {n}" for k, n in report.counts().items()) or "no problems"
-        log.info("%s: %d images, %d boxes; %s", path, report.images, sum(report.boxes_per_class.values()), counts)
-        checked.append(data)
-    return combine(checked)
-
-
 def _data_check(args: argparse.Namespace) -> int:
-    import json
-
-    from .data_check import check_dataset
-    from .readers import read_dataset
 
     console, reports, failed = Console(), [], False
     for path in args.paths:
@@ -410,8 +388,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import compare, detect, evaluate
-    from .report import write_evaluation
 
     data = read_checked([args.data], args.images, args.skip_bad, args.categories, split="val")
     model = _load(args)
@@ -492,7 +468,6 @@ def _print_eval(result, before, comparison) -> None:
 
 
 def _drift(args: argparse.Namespace) -> int:
-    from .evaluate import Dataset, drift
 
     data = Dataset.from_folder(args.images)
     model = _load(args)

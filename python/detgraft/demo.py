@@ -23,12 +23,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import demo_model
-from .card import BACKGROUND
-from .checkpoint import save_checkpoint
-from .evaluate import load_dataset
-from .extend import ExtendSettings, _train, extend, optimizer_and_schedule
-from .loading import load_model
-from .training_data import TrainingSet
+from .data.batches import TrainingSet
+from .data.dataset import load_dataset
+from .extend import extend
+from .model.card import BACKGROUND, ModelCard
+from .model.checkpoint import save_checkpoint
+from .model.loading import load_model
+from .settings import ExtendSettings
+from .train import optimizer_and_schedule, train_loop
 
 __all__ = ["DemoSize", "demo_base", "make_shapes", "run_demo"]
 
@@ -152,7 +154,6 @@ def demo_base(out: Path, cache: Path, size: DemoSize) -> Path:
     torch.manual_seed(0)
     model = demo_model.build_base()
     classes = [BACKGROUND, *BASE_SHAPES]
-    from .card import ModelCard
 
     model.detgraft_card = ModelCard(
         classes=classes, builder={"kind": "python", "file": demo_model.__file__, "function": "build_base",
@@ -160,7 +161,7 @@ def demo_base(out: Path, cache: Path, size: DemoSize) -> Path:
     data = load_dataset(out / "base_train.json", out / "images")
     settings = ExtendSettings(strategy="naive", steps=size.base_steps, lr=0.02, warmup=50)
     optimizer, scheduler = optimizer_and_schedule(model, settings)
-    _train(
+    train_loop(
         model,
         TrainingSet(data, {i + 1: i + 1 for i in range(len(BASE_SHAPES))}),
         settings,

@@ -3,7 +3,7 @@
 TorchScript through ``torch.jit.script``, as torchvision scripts its detectors: the model stays
 torchvision's (``naive``, ``head``, ``pseudo`` and ``distill`` leave one widened predictor; a
 ``branch`` model keeps its branches and the arbitration inside the scripted graph, since the
-branch models' inference paths and ``detgraft.arbitration.merge`` are TorchScript), so
+branch models' inference paths and ``detgraft.heads.merge.merge`` are TorchScript), so
 the scripted file runs with plain ``torch.jit.load`` and returns torchvision's
 ``(losses, detections)`` tuple. Before writing, ``export`` runs the eager and the scripted model on
 the same images and reports the largest box and score difference.
@@ -34,6 +34,9 @@ import torch
 from torch import nn
 
 from .extras import need
+from .model.builders import build_architecture
+from .model.card import get_card
+from .model.families import family
 
 __all__ = ["FORMATS", "ExportMismatch", "export"]
 
@@ -43,16 +46,18 @@ FORMATS = ("torchscript", "onnx", "torchvision")
 ONNX_OPSET = 17
 
 
+def _has_branches(model: nn.Module) -> bool:
+    kit = family(model).branch
+    return kit is not None and kit.branches(model) is not None
+
+
 def export(model: nn.Module, out: str | Path, format: str = "torchscript", images: list | None = None) -> dict:
     """Writes ``model`` to ``out`` in ``format``; returns the parity check on ``images`` (default:
     two synthetic images of different sizes): the largest box and score difference between the
     eager and the exported model, and the number of detections compared."""
-    from .branch import branch_layout
-    from .dense_branch import dense_branch_layout
-
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not supported: choose one of {', '.join(FORMATS)}")
-    if format == "torchvision" and (branch_layout(model) or dense_branch_layout(model)):
+    if format == "torchvision" and _has_branches(model):
         raise ValueError(BRANCH_IS_NOT_ONE_PREDICTOR)
     model = _without_hooks(model).eval()
     out = Path(out)
@@ -89,9 +94,6 @@ def _torchvision(model: nn.Module, out: Path, images: list[torch.Tensor]) -> lis
     (a torchvision builder: ``torchvision.models.get_model(name, num_classes=N)``), loads it into a
     fresh model of that builder (strictly) and returns that model's detections on ``images``."""
     import safetensors.torch
-
-    from .card import get_card
-    from .loading import build_architecture
 
     card = get_card(model)
     if card.builder is None:

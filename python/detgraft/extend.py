@@ -1,11 +1,10 @@
 """``detgraft.extend``: widen, prepare with a strategy, fine-tune, save, evaluate, in one call.
 
-The loop is torchvision's (``loss = sum(model(images, targets).values())``) around
-``detgraft.incremental``. Every field of ``ExtendSettings`` is a flag of ``detgraft extend``.
-Runs are seeded: the same settings repeat exactly on the CPU, and ``resume`` continues a run
-from its last checkpoint as if it had not stopped (batches, flips, samplers and optimizer state
-are restored). Ctrl-C finishes the current step, writes the checkpoint and stops. Under torchrun it trains
-data-parallel (``detgraft.distributed``).
+Orchestration only: read and check the data, map its categories to new labels, widen the model
+(``detgraft.model.surgery``), prepare it with a strategy (``detgraft.strategies``), train
+(``detgraft.train``: torchvision's loop, seeded, resumable, Ctrl-C safe, data-parallel under
+torchrun), calibrate the branch's arbitration, save, and evaluate on val. Every field of
+``ExtendSettings`` (``detgraft.settings``) is a flag of ``detgraft extend``.
 """
 
 from __future__ import annotations
@@ -13,137 +12,36 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import os
-import shutil
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file
 from torch import nn
 
-from . import distributed, families, ops
-from .arbitration import MIRRORED_BELOW, calibrate
-from .card import UNUSED, get_card, normalize_name
-from .checkpoint import save_checkpoint
-from .data_check import check_dataset
-from .evaluate import Dataset
+from . import distributed, ops
+from .data.batches import TrainingSet
+from .data.check import check_dataset
+from .data.dataset import Dataset, normalize_name
+from .data.images import image_size, load_image
+from .evaluation.metrics import compare, detect, evaluate, label_to_category
+from .evaluation.report import write_evaluation
 from .extras import need
-from .image_files import image_size, load_image
-from .incremental import STRATEGIES, check_strategy, incremental
-from .progress import progress
-from .surgery import INITS, expand_predictor
-from .training_data import TrainingSet, training_batches
+from .model.card import UNUSED, get_card
+from .model.checkpoint import save_checkpoint
+from .model.surgery import expand_predictor
+from .settings import ExtendSettings, auto_lr, auto_steps
+from .strategies import check_strategy, incremental
+from .strategies.calibrate import MIRRORED_BELOW, calibrate
+from .train import check_resume, load_last, make_scaler, optimizer_and_schedule, peak_memory_mb, train_loop
 
-__all__ = ["ExtendSettings", "extend"]
+__all__ = ["ExtendSettings", "class_mapping", "extend", "replay_labels"]
 
 log = logging.getLogger(__name__)
 
-LAST, STATE = "last", "train_state.pt"
-AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 500
-# --lr auto: the rates of benchmarks/incremental.py. A strategy that trains the whole network
-# diverges at the heads' 0.05 (naive: a NaN loss at step 31 with 10 images per class)
-AUTO_LR = {"branch": 0.05, "head": 0.05, "naive": 0.01, "pseudo": 0.01, "distill": 0.01}
-# a one-stage branch (a classification head on the frozen FPN, focal loss): 0.01, chosen on val from
-# 0.01 / 0.02 / 0.05 with FCOS (benchmarks/RESULTS.md, section families)
-AUTO_LR_ONE_STAGE = {"branch": 0.01}
-EXISTING = ("error", "train", "ignore")
 # --old-images: at most this many are read (300 EmojiCOCO images: ~1100 old objects, ~15 s on 2 CPU cores;
 # 100 to 1000 of them did about as well on val: benchmarks/RESULTS.md, section arbitration)
 OLD_IMAGES = 300
-AMP = ("auto", "bf16", "fp16", "off")
-
-
-def _flag(help: str, **kw: Any) -> Any:
-    return field(metadata={"help": help}, **kw)
-
-
-@dataclass
-class ExtendSettings:
-    """How ``extend`` trains; each field is the ``detgraft extend`` flag of the same name."""
-
-    strategy: str = _flag(f"one of {', '.join(STRATEGIES)}", default="branch")
-    steps: int | None = _flag(
-        f"optimizer steps; auto: {AUTO_EPOCHS} passes over the training images, at least {AUTO_MIN_STEPS}, "
-        f"at most {AUTO_MAX_STEPS} (the cap chosen on val within the 5-minute budget: benchmarks/RESULTS.md, "
-        "section sizes)",
-        default=None,
-    )
-    batch_size: int = _flag("images per step", default=8)
-    lr: float | None = _flag(
-        "peak learning rate (SGD); auto: 0.05 for branch and head, 0.01 for naive, pseudo and distill (they train "
-        "the whole network); 0.01 for branch on RetinaNet and FCOS",
-        default=None,
-    )
-    momentum: float = _flag("SGD momentum", default=0.9)
-    weight_decay: float = _flag("SGD weight decay", default=1e-4)
-    warmup: int = _flag("steps of linear warm-up before the cosine decay", default=50)
-    init: str = _flag(f"how the new rows start: one of {', '.join(INITS)}", default="preserve")
-    keep: float = _flag("pseudo/distill: teacher score that makes a label", default=0.7)
-    ignore: float = _flag("pseudo/distill: teacher score from which a box is left out of the loss", default=0.3)
-    existing: str = _flag(
-        "a training category the model already has: error (say so), train (its boxes are more data for that class; "
-        "branch: they teach the branch what is not new) or ignore (leave them out)",
-        default="error",
-    )
-    merge_iou: float | None = _flag(
-        "branch: overlap at which the stronger of an old and a new detection wins (none: keep both)", default=0.5
-    )
-    hflip: bool = _flag("flip half the images left-right", default=True)
-    jitter: bool = _flag(
-        "also photometric distortion, zoom out and IoU crops (torchvision.transforms.v2, seeded per example)",
-        default=False,
-    )
-    workers: int = _flag("processes decoding the next batches while the model trains (0: in the loop)", default=1)
-    seed: int = _flag("seed of batches, flips and samplers", default=0)
-    checkpoint_every: int = _flag("write OUT/last every this many steps", default=100)
-    device: str = _flag("auto (cuda when there is one), cpu, cuda or cuda:N", default="auto")
-    amp: str = _flag(
-        "mixed precision of the training step: auto (on CUDA bf16 where the GPU supports it, else fp16 with a "
-        "gradient scaler; off on the CPU), bf16, fp16 or off",
-        default="auto",
-    )
-
-    def __post_init__(self) -> None:
-        if self.device == "auto":  # resolved here, so settings.json records the device it ran on
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.amp not in AMP:
-            raise ValueError(f"amp {self.amp!r} is unknown: choose one of {', '.join(AMP)}")
-        if self.amp == "auto":  # resolved here too: settings.json records the precision it trained in
-            cuda = torch.device(self.device).type == "cuda"
-            self.amp = "off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {self.strategy!r} is unknown: choose one of {', '.join(STRATEGIES)}")
-        if self.existing not in EXISTING:
-            raise ValueError(f"existing {self.existing!r} is unknown: choose one of {', '.join(EXISTING)}")
-        if self.init not in INITS:
-            raise ValueError(f"init {self.init!r} is unknown: choose one of {', '.join(INITS)}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be 0 or more; got {self.workers}")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:  # None: auto_lr, once extend knows the model's family
-            raise ValueError(f"lr must be positive; got {self.lr}")
-
-
-def auto_lr(strategy: str, family: str) -> float:
-    """``--lr auto``: the strategy's rate (``AUTO_LR``), a one-stage branch's its own."""
-    if family in ("retinanet", "fcos"):
-        return AUTO_LR_ONE_STAGE.get(strategy, AUTO_LR[strategy])
-    return AUTO_LR[strategy]
-
-
-def auto_steps(images: int, batch_size: int) -> int:
-    """The budget when ``steps`` is not given: it follows the data (a few images must not get the
-    steps that hundreds need, or the branch learns them by heart)."""
-    return min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, math.ceil(AUTO_EPOCHS * images / batch_size)))
 
 
 def class_mapping(data: Dataset, model: nn.Module, existing: str = "error") -> tuple[list[str], dict[int, int]]:
@@ -239,7 +137,8 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
     if card.builder is None:  # found out now, not after training, when the checkpoint is written
         raise ValueError(
             "extend writes a checkpoint, and detgraft does not know which builder makes this model: load it with "
-            "detgraft.load_model, or set detgraft.get_card(model).builder = detgraft.loading.torchvision_builder(name)"
+            "detgraft.load_model, or set detgraft.get_card(model).builder = "
+            "detgraft.model.builders.torchvision_builder(name)"
         )
     kind = check_strategy(model, settings.strategy)  # found out now, not after the model is widened
     if settings.lr is None:  # resolved here, so settings.json records the rate it ran with
@@ -247,7 +146,7 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
     first = card.num_classes
     mapping = {name: first + k for k, name in enumerate(names)}
     log.info("new classes: %s", ", ".join(f"{n} -> label {label}" for n, label in mapping.items()))
-    data = TrainingSet(train, by_id, masks=kind == "mask_rcnn")
+    data = TrainingSet(train, by_id, masks=kind.masks)
     boxes_of = torch.bincount(torch.cat([labels for _, _, labels, _ in data.items]), minlength=first + len(names))
     empty = [n for n, label in mapping.items() if boxes_of[label] == 0]
     if empty:
@@ -257,7 +156,7 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
             "the file"
         )
     if replay is not None:
-        data = data + TrainingSet(replay, _replay_labels(replay, card), masks=kind == "mask_rcnn")
+        data = data + TrainingSet(replay, replay_labels(replay, card), masks=kind.masks)
         log.info("replay: %d annotated old-class images mixed in", len(replay.coco["images"]))
     if settings.steps is None:
         settings = replace(settings, steps=auto_steps(len(data), settings.batch_size))
@@ -276,7 +175,7 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
             image_size(path)
         saved["old_images"] = {"files": len(old_images), "folder": str(old_images[0].parent)}
     if resume:
-        _check_resume(out, saved)
+        check_resume(out, saved)
     if rank == 0:
         (out / "settings.json").write_text(json.dumps(saved, indent=1))
         (out / "mapping.json").write_text(json.dumps(mapping, indent=1))
@@ -284,8 +183,6 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
     before = None
     if rank == 0 and val is not None and _labels_old_classes(val, model):
         # the base on val, for the report's before/after (the model is widened in place below)
-        from .evaluate import detect, evaluate
-
         base_detections = detect(model, val, device=settings.device)
         before = (evaluate(model, val, detections=base_detections), base_detections, list(card.classes))
         log.info("val old classes before: AP %.3f", before[0].groups.get("old", {}).get("ap", float("nan")))
@@ -300,13 +197,13 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
     incremental(model, settings.strategy, keep=settings.keep, ignore=settings.ignore, merge_iou=settings.merge_iou)
     optimizer, scheduler = optimizer_and_schedule(model, settings)
     step = 0
-    scaler = _scaler(settings)
+    scaler = make_scaler(settings)
     if resume:
-        step = _load_last(out, model, optimizer, scheduler, scaler)
+        step = load_last(out, model, optimizer, scheduler, scaler)
         log.info("resuming at step %d of %d", step, settings.steps)
 
     writer = _tensorboard(tensorboard) if tensorboard and rank == 0 else None
-    losses, curve = _train(model, data, settings, optimizer, scheduler, step, out, scaler, writer)
+    losses, curve = train_loop(model, data, settings, optimizer, scheduler, step, out, scaler, writer)
     model.eval()
     if rank > 0:  # rank 0 calibrates, saves and evaluates
         return model
@@ -363,16 +260,6 @@ def _tensorboard(folder: str | Path):
     return SummaryWriter(str(folder))
 
 
-def peak_memory_mb() -> float | None:
-    """This process's peak resident memory (Linux, macOS), or None where ``resource`` does not
-    exist (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _spaced(items: list, most: int) -> list:
     """At most ``most`` of ``items``, evenly spaced."""
     if len(items) <= most:
@@ -381,202 +268,34 @@ def _spaced(items: list, most: int) -> list:
 
 
 def _checked(data: Dataset | None) -> Dataset | None:
-    """``data`` after ``detgraft.data_check`` (a problem to fix raises here, before the model is touched)."""
+    """``data`` after ``detgraft.data.check`` (a problem to fix raises here, before the model is touched)."""
     if data is None or data.checked:
         return data
     return check_dataset(data)[0]
 
 
-def optimizer_and_schedule(model: nn.Module, settings: ExtendSettings):
-    """SGD over the parameters that require grad (at ``auto_lr`` when ``settings.lr`` is None);
-    linear warm-up, then cosine decay to 0 at ``steps``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = settings.lr if settings.lr is not None else auto_lr(settings.strategy, families.family(model))
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    warm, total = settings.warmup, settings.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
-    )
-    return optimizer, scheduler
-
-
-def _replay_labels(replay: Dataset, card) -> dict[int, int]:
-    known = {n.lower(): i for i, n in enumerate(card.classes) if i > 0 and n != "N/A"}
-    unknown = [c["name"] for c in replay.coco["categories"] if c["name"].lower() not in known]
+def replay_labels(replay: Dataset, card) -> dict[int, int]:
+    """Each ``replay`` category id's label in the model, names matched as ``class_mapping`` matches them
+    (``normalize_name``: 'traffic_light' is 'traffic light'); a category the model lacks is left out."""
+    known = {normalize_name(n): i for i, n in enumerate(card.classes) if i > 0 and n != UNUSED}
+    unknown = [c["name"] for c in replay.coco["categories"] if normalize_name(c["name"]) not in known]
     if unknown:
         log.warning("replay categories the model does not have (left out): %s", ", ".join(unknown))
-    return {c["id"]: known[c["name"].lower()] for c in replay.coco["categories"] if c["name"].lower() in known}
-
-
-class _StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step; a second one interrupts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stopping after this step (Ctrl-C again to interrupt at once)")
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def _scaler(settings: ExtendSettings) -> torch.amp.GradScaler:
-    """fp16's gradient scaler (a no-op for the other precisions)."""
-    return torch.amp.GradScaler(torch.device(settings.device).type, enabled=settings.amp == "fp16")
-
-
-def _train(
-    model, data, settings, optimizer, scheduler, step, out, scaler=None, writer=None
-) -> tuple[dict[str, float], list[float]]:
-    """Trains from ``step`` to ``settings.steps`` (forward and loss in ``settings.amp`` precision,
-    the loss scaled by ``scaler`` for fp16); returns the last step's losses and every step's total
-    loss (the mean over the processes under torchrun). ``writer``: a TensorBoard SummaryWriter."""
-    model.train()
-    scaler = scaler or _scaler(settings)
-    device_type = torch.device(settings.device).type
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
-    rank, processes = distributed.world()
-    trained = distributed.wrap(model)
-    parts: dict[str, float] = {}
-    curve: list[float] = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"),
-    )
-    tick = time.perf_counter()
-    with progress(*columns, transient=False, disable=rank > 0) as bar, _StopRequest() as stop:
-        task = bar.add_task(settings.strategy, total=settings.steps, completed=step, losses="", rate="")
-        batches = iter(training_batches(data, step, settings.steps, settings, part=(rank, processes)))
-        while step < settings.steps:
-            images, targets = next(batches)
-            images = [im.to(settings.device) for im in images]
-            targets = [{k: v.to(settings.device) for k, v in t.items()} for t in targets]
-            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-                loss_dict = trained(images, targets)
-            loss = sum(v.float() for v in loss_dict.values())
-            reported = distributed.mean(torch.stack([v.detach() for v in loss_dict.values()]))
-            parts = dict(zip(loss_dict, reported.tolist()))
-            value = float(reported.sum())
-            curve.append(value)
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"the loss is {value} at step {step} ({_fmt(parts)}): training stopped. The last good "
-                    f"checkpoint is {out / LAST}; lower --lr (now {settings.lr}) and start again, or --resume"
-                )
-            optimizer.zero_grad()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            now = time.perf_counter()
-            bar.update(task, completed=step, losses=_fmt(parts), rate=f"{1 / max(now - tick, 1e-9):.1f} it/s")
-            for name, v in (parts | {"total": value}).items() if writer else ():
-                writer.add_scalar(f"loss/{name}", v, step)
-            tick = now
-            if step % 50 == 0:
-                log.info("step %d/%d %s", step, settings.steps, _fmt(parts))
-            stopping = distributed.any_process(stop.requested, settings.device)
-            if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.steps or stopping):
-                _save_last(out, model, optimizer, scheduler, step, scaler)
-            if stopping and step < settings.steps:
-                raise KeyboardInterrupt(f"stopped at step {step}; continue with --resume (checkpoint {out / LAST})")
-    return parts, curve
-
-
-def _fmt(parts: dict[str, float]) -> str:
-    return " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in parts.items())
-
-
-def _save_last(out: Path, model: nn.Module, optimizer, scheduler, step: int, scaler) -> None:
-    """Writes ``out/last`` (checkpoint + optimizer, scheduler, RNG and step) as a whole: into a
-    temporary folder first, then swapped in by renames."""
-    was_training = model.training
-    tmp, old = out / f".{LAST}.tmp", out / f".{LAST}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),  # empty unless fp16
-        "rng": torch.get_rng_state(),
+    return {
+        c["id"]: known[normalize_name(c["name"])]
+        for c in replay.coco["categories"]
+        if normalize_name(c["name"]) in known
     }
-    torch.save(state, tmp / STATE)
-    if (out / LAST).exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out / LAST, old)
-    os.replace(tmp, out / LAST)
-    shutil.rmtree(old, ignore_errors=True)
-    model.train(was_training)
-
-
-def _check_resume(out: Path, saved: dict) -> None:
-    path = out / "settings.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"nothing to resume in {str(out)!r}: it has no settings.json")
-    before = json.loads(path.read_text())
-    changed = [
-        k
-        for k in set(before["settings"]) | set(saved["settings"])
-        if k not in ("steps", "workers") and before["settings"].get(k) != saved["settings"].get(k)
-    ]
-    changed += [k for k in ("train", "mapping", "replay") if before.get(k) != saved.get(k)]
-    if changed:
-        raise ValueError(
-            f"--resume needs the settings of the run in {str(out)!r}; these differ: {', '.join(sorted(changed))} "
-            "(only --steps may change)"
-        )
-
-
-def _load_last(out: Path, model: nn.Module, optimizer, scheduler, scaler) -> int:
-    folder = out / LAST if (out / LAST).exists() else out / f".{LAST}.old"
-    if not (folder / STATE).is_file():
-        raise FileNotFoundError(f"nothing to resume: {str(out / LAST)!r} holds no checkpoint")
-    from .checkpoint import _sha256
-
-    meta = json.loads((folder / "detgraft.json").read_text())
-    if _sha256(folder / "model.safetensors") != meta["weights_sha256"]:
-        raise ValueError(f"{str(folder)!r} is damaged (weights do not match detgraft.json)")
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    state = torch.load(folder / STATE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
 
 
 def _labels_old_classes(val: Dataset, model: nn.Module) -> bool:
     """Whether ``val`` has boxes of a class ``model`` has (matched by name, as evaluate does)."""
-    from .evaluate import _label_to_category
-
-    return bool(set(_label_to_category(model, val).values()) & {a["category_id"] for a in val.coco["annotations"]})
+    return bool(set(label_to_category(model, val).values()) & {a["category_id"] for a in val.coco["annotations"]})
 
 
 def _evaluate(model: nn.Module, val: Dataset, out: Path, device: str, before, loss: dict | None = None):
     """eval.json and report.html (with the ``loss`` curve) on val, against the base's results on val
     (``before``); returns the evaluation."""
-    from .evaluate import compare, detect, evaluate
-    from .report import write_evaluation
-
     detections = detect(model, val, device=device)
     result = evaluate(model, val, detections=detections)
     base, base_detections, base_classes = before or (None, None, None)

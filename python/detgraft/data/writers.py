@@ -1,6 +1,6 @@
 """A dataset written in another labelling tool's format: Pascal VOC XML or YOLO txt.
 
-The inverse of ``detgraft.readers`` for what those formats hold (boxes and class names; VOC
+The inverse of ``detgraft.data.readers`` for what those formats hold (boxes and class names; VOC
 ``difficult`` for ``iscrowd``): reading what these write gives back the same images, boxes and
 names. ``benchmarks/formats.py`` and the tests use them; users moving between tools can too.
 """
@@ -11,7 +11,7 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .evaluate import Dataset
+from .dataset import Dataset
 
 __all__ = ["write_voc", "write_yolo"]
 

@@ -23,8 +23,9 @@ import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
-from .evaluate import Dataset
-from .image_files import ImageError, image_size
+from ..progress import track
+from .dataset import Dataset
+from .images import ImageError, image_size
 
 __all__ = ["DataError", "DataReport", "Problem", "check_dataset"]
 
@@ -121,7 +122,6 @@ class DataError(ValueError):
 def check_dataset(data: Dataset, skip_bad: bool = False, raise_errors: bool = True) -> tuple[Dataset, DataReport]:
     """``data`` as training and scoring will see it (see the module doc), and the report. Raises
     ``DataError`` when there is a problem to fix (unless ``raise_errors`` is False)."""
-    from .progress import track
 
     report = DataReport(source=data.source or str(data.images), skip_bad=skip_bad)
     coco = data.coco

@@ -10,10 +10,10 @@ Strategies (README, "Strategies", has the measured comparison):
   classes arbitrates between old and new.
 - ``pseudo``: as ``naive``, plus a frozen ``teacher`` (the model before training) labels the old
   classes' objects in the new images; uncertain teacher boxes are left out of the loss.
-- ``distill``: ``pseudo`` plus distillation of the teacher's responses (``detgraft.distill``).
+- ``distill``: ``pseudo`` plus distillation of the teacher's responses (``detgraft.strategies.distill``).
 - ``branch`` (default): the base stays frozen and bit-identical; a new box branch learns the new
-  classes and detections are merged (``detgraft.branch``; RetinaNet / FCOS: a classification
-  branch, ``detgraft.dense_branch``).
+  classes and detections are merged (``detgraft.heads.rcnn``; RetinaNet / FCOS: a classification
+  branch, ``detgraft.heads.dense``).
 
 All but ``branch`` freeze BatchNorm statistics first (``freeze_batchnorm``): live BatchNorm drifts
 on new data. ``branch`` keeps the base's BatchNorm layers as they are, in eval mode.
@@ -27,37 +27,27 @@ import logging
 import torch
 from torch import nn
 
-from . import families
-from .batchnorm import freeze_batchnorm
-from .branch import add_branch
-from .card import get_card
-from .dense_branch import add_dense_branch
+from ..heads.masks import allow_boxes_without_masks
+from ..heads.teacher import add_teacher_boxes
+from ..model import families
+from ..model.batchnorm import freeze_batchnorm
+from ..model.card import get_card
 from .distill import add_distillation
-from .masks import allow_boxes_without_masks
-from .teacher import add_teacher_boxes
 
 __all__ = ["STRATEGIES", "freeze_batchnorm", "incremental"]
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("naive", "head", "pseudo", "distill", "branch")
-# pseudo labels and distillation are not yet written for one-stage losses, nor a branch for SSD's softmax heads
-STRATEGIES_OF = {
-    "faster_rcnn": STRATEGIES,
-    "mask_rcnn": STRATEGIES,
-    "retinanet": ("naive", "head", "branch"),
-    "fcos": ("naive", "head", "branch"),
-    "ssd": ("naive", "head"),
-}
+STRATEGIES = families.STRATEGIES  # which a family takes: its description (``Family.strategies``)
 
 
-def check_strategy(model: nn.Module, strategy: str) -> str:
+def check_strategy(model: nn.Module, strategy: str) -> families.Family:
     """The model's family, if ``strategy`` is available for it; a clear error otherwise."""
     kind = families.family(model)
-    if strategy not in STRATEGIES_OF[kind]:
+    if strategy not in kind.strategies:
         raise NotImplementedError(
-            f"strategy {strategy!r} is not available for {kind} models yet; "
-            f"choose one of {', '.join(STRATEGIES_OF[kind])}"
+            f"strategy {strategy!r} is not available for {kind.name} models yet; "
+            f"choose one of {', '.join(kind.strategies)}"
         )
     return kind
 
@@ -87,7 +77,7 @@ def incremental(
     card = get_card(model)
     if not card.new_labels:
         raise ValueError("the model has no new classes: call detgraft.expand_predictor(model, names) first")
-    if kind == "mask_rcnn" and strategy != "branch":
+    if kind.masks and strategy != "branch":
         allow_boxes_without_masks(model)
     if strategy == "branch":
         # the base must compute exactly as before: BatchNorm layers stay themselves, in eval mode
@@ -101,10 +91,9 @@ def incremental(
         teacher = _add_pseudo_labels(model, keep, ignore, min(new_labels))
         if strategy == "distill":
             add_distillation(model, teacher, min(new_labels))
-    if strategy == "branch" and kind in ("retinanet", "fcos"):
-        add_dense_branch(model, new_labels, merge_iou)
-    elif strategy == "branch":
-        add_branch(model, new_labels, merge_iou, others=others, keep=keep, ignore=ignore)
+    if strategy == "branch":
+        kind.branch.add(model, new_labels, merge_iou, others=others, keep=keep, ignore=ignore)
+    if strategy == "branch" and kind.two_stage:
         # the frozen RPN's losses carry no gradient: leave them out of the loss dict
         model.register_forward_hook(_drop_rpn_losses)
     model.detgraft_strategy = strategy

@@ -24,17 +24,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .arbitration import RETIRED_STATE
+from ..heads.merge import ARBITRATION_STATE, RETIRED_STATE
 from .batchnorm import BatchNormFrozen
-from .branch import ARBITRATION_STATE, branch_layout, restore_branches
+from .builders import build_architecture, torchvision_builder
 from .card import ModelCard, get_card
-from .dense_branch import dense_branch_layout, restore_dense_branches
-from .families import num_classes
-from .loading import build_architecture, torchvision_builder
+from .families import family, num_classes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["load_checkpoint", "save_checkpoint", "sha256_file"]
 
 FORMAT = "detgraft-checkpoint/1"
 WEIGHTS, META = "model.safetensors", "detgraft.json"
@@ -58,7 +56,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
             "load the model with detgraft.load_model, or pass builder='fasterrcnn_resnet50_fpn' (the torchvision "
             "builder it came from)"
         )
-    width = num_classes(model)
+    width, kit = num_classes(model), family(model).branch
     if width != card.num_classes:
         raise ValueError(f"card names {card.num_classes} classes but the model has {width} outputs")
     builder = json.loads(json.dumps(builder))
@@ -71,7 +69,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
     tmp = out_dir / f".{WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
     os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; a checkpoint is a normal file
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, out_dir / WEIGHTS)
     meta = {
         "format": FORMAT,
@@ -81,10 +79,11 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, builder: str | dic
         "weights_sha256": digest,
         # what a builder called without weights does not reproduce (torchvision freezes both
         # only when it loads pretrained weights)
-        "branches": branch_layout(model) or dense_branch_layout(model),
-        # torchvision's FrozenBatchNorm2d, and detgraft's (BatchNorm's arithmetic): each comes back as it was
-        "frozen_batchnorm": [n for n, m in model.named_modules() if type(m) is FrozenBatchNorm2d],
-        "batchnorm_frozen": [n for n, m in model.named_modules() if isinstance(m, BatchNormFrozen)],
+        "branches": kit.layout(model) if kit is not None else None,
+        # torchvision's FrozenBatchNorm2d, and detgraft's BatchNormFrozen (BatchNorm's arithmetic): each comes
+        # back as it was (detgraft 0.1 named these lists "frozen_batchnorm" and "batchnorm_frozen")
+        "torchvision_frozen_batchnorm": [n for n, m in model.named_modules() if type(m) is FrozenBatchNorm2d],
+        "detgraft_frozen_batchnorm": [n for n, m in model.named_modules() if isinstance(m, BatchNormFrozen)],
         "frozen_parameters": [n for n, p in model.named_parameters() if not p.requires_grad],
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
@@ -106,18 +105,17 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(meta_path)!r} has format {meta.get('format')!r}; this detgraft reads {FORMAT}")
     weights = folder / WEIGHTS
-    if not weights.is_file() or _sha256(weights) != meta["weights_sha256"]:
+    if not weights.is_file() or sha256_file(weights) != meta["weights_sha256"]:
         raise ValueError(
             f"{str(weights)!r} is missing or does not match {META} (an interrupted save or a copied file?)"
         )
     model = build_architecture(meta["builder"], meta["num_classes"])
-    for name in meta.get("frozen_batchnorm", []):
+    for name in meta.get("torchvision_frozen_batchnorm", meta.get("frozen_batchnorm", [])):
         _freeze_batchnorm(model, name, FrozenBatchNorm2d)
-    for name in meta.get("batchnorm_frozen", []):
+    for name in meta.get("detgraft_frozen_batchnorm", meta.get("batchnorm_frozen", [])):
         _freeze_batchnorm(model, name, BatchNormFrozen)
     if meta.get("branches"):
-        restore = restore_dense_branches if meta["branches"].get("kind") == "dense" else restore_branches
-        restore(model, meta["branches"])
+        family(model).branch.restore(model, meta["branches"])
     state = load_file(str(weights))
     retired = [k for k in state if k.rpartition(".")[2] in RETIRED_STATE]
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in retired}, strict=False)
@@ -158,7 +156,7 @@ def _umask() -> int:
     return mask
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

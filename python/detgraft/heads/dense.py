@@ -8,7 +8,7 @@ base's frozen FPN features. Boxes (and FCOS's centerness) come from the base's r
 At inference the base's class scores are computed exactly as the base computes them (its tower,
 its ``cls_logits`` rows of the old classes, the same shapes), each branch scores its classes at
 the same anchors, torchvision's own ``postprocess_detections`` turns each into detections, and
-``detgraft.arbitration.arbitrate`` merges them as for R-CNN branches (with ``merge_iou=None`` the
+``detgraft.heads.merge.arbitrate`` merges them as for R-CNN branches (with ``merge_iou=None`` the
 base's detections are all kept bit for bit). What the arbitration reads as "the base's features at
 a box" is the base's classification tower (the features its class scores come from), RoI-aligned
 at the box from the FPN level of its size and averaged; ``detgraft.calibrate`` learns the
@@ -32,49 +32,58 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
-from .arbitration import (
+from .merge import (
     ONE_STAGE_CLAIM_SCORE,
     Arbitrated,
     BranchState,
     add_arbitration_state,
-    chunks,
     memory_lengths,
     merge,
     resize_memories,
-    transformed,
 )
-from .branch import attach_branch
+from .rcnn import attach_branch
 
-__all__ = ["DenseBranch", "add_dense_branch", "is_dense_branch_model"]
+__all__ = [
+    "BranchFCOS",
+    "BranchFCOSHead",
+    "BranchRetinaNet",
+    "BranchRetinaNetHead",
+    "DenseBranch",
+    "add_dense_branch",
+    "branches",
+    "calibration_pass",
+    "dense_branch_layout",
+    "restore_dense_branches",
+]
 
 
 class DenseBranch(Arbitrated, nn.Module):
-    """A classification head (``num_classes`` outputs per anchor, no background column) for labels
-    ``first_label`` .. ``first_label + num_classes - 1``."""
+    """A classification head (``num_new`` outputs per anchor, no background column) for the labels
+    ``first_label`` .. ``first_label + num_new - 1``."""
 
     def __init__(self, head: nn.Module, first_label: int) -> None:
         super().__init__()
         self.head = head
         self.first_label = first_label
-        # the arbitration's state (detgraft.arbitration.calibrate): saved with the weights
+        # the arbitration's state (detgraft.strategies.calibrate): saved with the weights
         weight = head.cls_logits.weight
-        add_arbitration_state(self, self.num_classes, weight.flatten(1), width=head.cls_logits.in_channels)
+        add_arbitration_state(self, self.num_new, weight.flatten(1), width=head.cls_logits.in_channels)
 
     @property
-    def num_classes(self) -> int:
+    def num_new(self) -> int:
         return self.head.num_classes
 
     def owns(self, labels: Tensor) -> Tensor:
-        return (labels >= self.first_label) & (labels < self.first_label + self.num_classes)
+        return (labels >= self.first_label) & (labels < self.first_label + self.num_new)
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        return self.head(features)  # [N, sum of H*W*A, num_classes]
+        return self.head(features)  # [N, sum of H*W*A, num_new]
 
 
 class _BranchHead:
-    """The base's head plus ``branches`` (an ``nn.ModuleList``) and ``base_classes`` (the base's
+    """The base's head plus ``branches`` (an ``nn.ModuleList``) and ``old_num_classes`` (the base's
     class count): in training mode only ``new_cls_logits``, the newest branch's outputs (what
-    learns); in eval mode the base's outputs for its ``base_classes`` columns and every branch's
+    learns); in eval mode the base's outputs for its ``old_num_classes`` columns and every branch's
     columns side by side (``base_outputs``, which also returns the base's classification tower
     outputs for the arbitration)."""
 
@@ -93,7 +102,7 @@ class _BranchHead:
     def _base_cls_logits(self, x: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The classification head's forward with only the old classes' rows (what the base
         computes), and its tower's outputs."""
-        head, k = self.classification_head, self.base_classes
+        head, k = self.classification_head, self.old_num_classes
         conv = head.cls_logits
         anchors = conv.weight.shape[0] // head.num_classes
         weight = conv.weight.view(anchors, head.num_classes, -1)[:, :k]
@@ -256,22 +265,6 @@ class _BranchModel:
         return F.normalize(pooled.mean(dim=(2, 3)), dim=1)
 
 
-@torch.no_grad()
-def dense_calibration_pass(model: nn.Module, examples, batch: int):
-    """What ``detgraft.calibrate`` learns from for a RetinaNet / FCOS branch, per batch of
-    ``examples``: the targets (in the transformed images), the model's detections before the newest
-    branch, and a function giving the base tower's features at boxes."""
-    for chunk in chunks(examples, batch):
-        image_list, targets = transformed(model, chunk)
-        outputs, anchors, tower = model.head_pass(image_list)
-        sources = model.sources(outputs, anchors, image_list.image_sizes)
-        before = [
-            {k: torch.cat([s[i][k] for s in sources[:-1]]) for k in ("boxes", "scores", "labels")}
-            for i in range(len(targets))
-        ]
-        yield targets, before, lambda boxes: model.tower_features(tower, boxes, image_list.image_sizes)  # noqa: B023
-
-
 class BranchRetinaNet(_BranchModel, RetinaNet):
     pass
 
@@ -280,18 +273,20 @@ class BranchFCOS(_BranchModel, FCOS):
     pass
 
 
-_SUBCLASSES = {RetinaNet: (BranchRetinaNet, BranchRetinaNetHead), FCOS: (BranchFCOS, BranchFCOSHead)}
+def branches(model: nn.Module) -> nn.ModuleList | None:
+    """The model's RetinaNet / FCOS branches (None before the first)."""
+    return model.head.branches if isinstance(model, _BranchModel) else None
 
 
-def is_dense_branch_model(model: nn.Module) -> bool:
-    return isinstance(model, _BranchModel)
-
-
-def add_dense_branch(model: nn.Module, labels: list[int], merge_iou: float | None = 0.5) -> DenseBranch:
+def add_dense_branch(
+    model: nn.Module, labels: list[int], merge_iou: float | None = 0.5, *, classes: tuple[type, type]
+) -> DenseBranch:
     """Adds a branch for ``labels`` (consecutive, the last classes ``expand_predictor`` added) to a
-    RetinaNet or FCOS, in place. Its tower starts as a copy of the base's; its ``cls_logits`` as
-    the widened layer's rows of ``labels`` (``expand_predictor``'s start: below the score
-    threshold). Everything but the new branch is frozen."""
+    RetinaNet or FCOS, in place; the first branch makes the model and its head the ``classes``
+    (``BranchFCOS, BranchFCOSHead``: the family's description says which). Its tower starts as a
+    copy of the base's; its ``cls_logits`` as the widened layer's rows of ``labels``
+    (``expand_predictor``'s start: below the score threshold). Everything but the new branch is
+    frozen."""
     head = model.head
     cls_head = head.classification_head
     if not labels or list(labels) != list(range(labels[0], labels[0] + len(labels))):
@@ -302,10 +297,9 @@ def add_dense_branch(model: nn.Module, labels: list[int], merge_iou: float | Non
             "call detgraft.expand_predictor first"
         )
     if not isinstance(model, _BranchModel):
-        model_class, head_class = next(v for k, v in _SUBCLASSES.items() if isinstance(model, k))
-        model.__class__, head.__class__ = model_class, head_class
+        model.__class__, head.__class__ = classes
         head.branches = nn.ModuleList()
-        head.base_classes = labels[0]
+        head.old_num_classes = labels[0]
         model.merge_iou = merge_iou
         levels = [str(k) for k in range(len(model.anchor_generator.sizes))]
         model.tower_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2)
@@ -324,21 +318,36 @@ def add_dense_branch(model: nn.Module, labels: list[int], merge_iou: float | Non
 
 def dense_branch_layout(model: nn.Module) -> dict | None:
     """What ``restore_dense_branches`` needs to rebuild the branches before loading their weights."""
-    if not isinstance(model, _BranchModel):
+    if branches(model) is None:
         return None
     return {
-        "kind": "dense",
-        "base_width": model.head.base_classes,
+        "old_num_classes": model.head.old_num_classes,
         "merge_iou": model.merge_iou,
         "branches": [
-            {"first_label": b.first_label, "num_classes": b.num_classes, "memory": memory_lengths(b)}
+            {"first_label": b.first_label, "num_new": b.num_new, "memory": memory_lengths(b)}
             for b in model.head.branches
         ],
     }
 
 
-def restore_dense_branches(model: nn.Module, layout: dict) -> None:
+def restore_dense_branches(model: nn.Module, layout: dict, *, classes: tuple[type, type]) -> None:
+    """Rebuilds the branches ``dense_branch_layout`` described (weights follow with load_state_dict).
+    Reads the layout of detgraft 0.1 checkpoints too (``base_width``; ``num_classes``, no background)."""
     for b in layout["branches"]:
-        labels = list(range(b["first_label"], b["first_label"] + b["num_classes"]))
-        resize_memories(add_dense_branch(model, labels, layout["merge_iou"]), b.get("memory", [0, 0]))
-    model.head.base_classes = layout["base_width"]
+        labels = list(range(b["first_label"], b["first_label"] + b.get("num_new", b.get("num_classes"))))
+        resize_memories(add_dense_branch(model, labels, layout["merge_iou"], classes=classes), b.get("memory", [0, 0]))
+    model.head.old_num_classes = layout.get("old_num_classes", layout.get("base_width"))
+
+
+@torch.no_grad()
+def calibration_pass(model: nn.Module, image_list: ImageList, branch: DenseBranch):
+    """What ``detgraft.calibrate`` reads of a RetinaNet / FCOS on transformed images: the model's
+    detections before its newest branch (``branch``), and a function giving the base tower's
+    features at boxes."""
+    outputs, anchors, tower = model.head_pass(image_list)
+    sources = model.sources(outputs, anchors, image_list.image_sizes)
+    before = [
+        {k: torch.cat([s[i][k] for s in sources[:-1]]) for k in ("boxes", "scores", "labels")}
+        for i in range(len(image_list.image_sizes))
+    ]
+    return before, lambda boxes: model.tower_features(tower, boxes, image_list.image_sizes)

@@ -44,44 +44,36 @@ soft merge (the stronger claim wins) and ``calibrate`` is logged as missing. How
 chosen, on val: ``benchmarks/arbitration.py``.
 """
 
-import functools
-import itertools
-import logging
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 __all__ = [
     "ARBITRATION_STATE",
     "Arbitrated",
+    "BranchState",
+    "CLAIM_SCORE",
     "KEEPER_SCORE",
     "LOWERED",
-    "MEMORY",
-    "MIRRORED_BELOW",
-    "PRIOR_BOXES",
-    "BranchState",
+    "ONE_STAGE_CLAIM_SCORE",
+    "RETIRED_STATE",
+    "add_arbitration_state",
     "arbitrate",
-    "calibrate",
+    "memory_lengths",
     "merge",
+    "nearest",
+    "old_rank",
+    "resize_memories",
+    "set_arbitration",
 ]
 
-log = logging.getLogger(__name__)
-
-PRIOR_BOXES = 7  # alpha = n / (n + PRIOR_BOXES): 0.7 at 10 images per class (~16 boxes), as chosen on val
 KEEPER_SCORE = 0.5  # a detection this confident is an old object (away from new ones) or a false alarm (on one)
 # the loser of a contest keeps this share of its score: below KEEPER_SCORE (no longer a confident
 # detection) but ranked as before among the detections of its class, so a real object the
 # arbitration gets wrong loses little AP (chosen on val over score x (1 - the winner's score))
 LOWERED = 0.5
-# calibrate on mirrored copies too below this many training images: more old objects in the old
-# memory where it is thin (chosen on val: it helped at 10-50 images per class; with 600 images it
-# did not, and it would cost another pass over them)
-MIRRORED_BELOW = 200
 CLAIM_SCORE = KEEPER_SCORE  # a newer detection lowers an older one only from this calibrated score (chosen on val)
 # RetinaNet / FCOS branches (their scores and the classification tower's features): chosen on FCOS's
 # val from 0.5 / 0.6 / 0.7 (benchmarks/RESULTS.md, section families)
@@ -89,12 +81,9 @@ ONE_STAGE_CLAIM_SCORE = 0.6
 # an old memory k times the new one's size is read at its (OLD_RANK_SHARE * k)-th nearest neighbour
 # (``old_rank``; chosen on val from 0.5 / 0.7 / 1 with old-class images: benchmarks/arbitration.py)
 OLD_RANK_SHARE = 0.7
-MEMORY = 4096  # at most this many features in each memory (evenly spaced over the training objects)
-# each branch's buffers; new_memory and old_memory change length with the data (detgraft.branch.branch_layout)
+# each branch's buffers; new_memory and old_memory change length with the data (detgraft.heads.rcnn.branch_layout)
 ARBITRATION_STATE = ("prototypes", "alpha", "new_memory", "old_memory", "false_alarm_score", "calibrated")
 RETIRED_STATE = ("look_alike", "at_least")  # saved by detgraft 0.x before the memories: ignored, calibrate again
-# what calibration collects from each training image (``training_objects``)
-TRAINING_OBJECTS = ("new", "labels", "false_alarms", "false_alarm_scores", "false_alarm_labels", "old")
 
 
 def add_arbitration_state(branch: nn.Module, num_new: int, like: Tensor, width: int | None = None) -> None:
@@ -138,192 +127,7 @@ def set_arbitration(
         branch.calibrated.fill_(True)
 
 
-@torch.no_grad()
-def calibrate(
-    model: nn.Module,
-    examples: Iterable[tuple[Tensor, dict[str, Tensor]]],
-    batch: int = 8,
-    mirrored: bool = False,
-    old_images: Iterable[Tensor] = (),
-) -> dict:
-    """Learns the newest branch's prototypes, memories and false-alarm score from ``examples``
-    (``(image, target)`` pairs as a torchvision detection dataset yields them, labels in the
-    model's label space: the training images). Call it after training, with the images the branch
-    learned from; ``detgraft extend`` does. With ``mirrored``, each example's left-right mirror
-    image is read too (for training with flips on fewer than ``MIRRORED_BELOW`` images; alpha still
-    counts each labelled box once). ``old_images``: images (float ``[3, H, W]`` in 0..1) that show
-    old classes and none of the new ones, such as a few hundred COCO images for a COCO model; no
-    labels needed: the model's confident detections there join the old memory, which a few
-    training images leave thin (``detgraft extend --old-images``). Returns what it learned (also
-    logged)."""
-    from .branch import BranchRoIHeads
-    from .dense_branch import dense_calibration_pass, is_dense_branch_model
-
-    heads = getattr(model, "roi_heads", None)
-    if not isinstance(heads, BranchRoIHeads) and not is_dense_branch_model(model):
-        raise ValueError("calibrate is for models prepared with detgraft.incremental(model, 'branch')")
-    if mirrored:
-        examples = _with_mirrors(examples)
-    was_training = model.training
-    model.eval()
-    try:
-        if is_dense_branch_model(model):
-            branch = model.head.branches[-1]
-            passes = functools.partial(dense_calibration_pass, model)
-        else:
-            branch = heads.branches[-1]
-            passes = functools.partial(_rcnn_pass, model, heads, branch)
-        seen = _seen(passes(examples, batch), branch)
-        if not seen["labels"].numel():
-            raise ValueError("calibrate needs the training examples; got none")
-        nothing = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}  # moved by ``transformed``
-        unlabelled = ((image, nothing) for image in old_images)
-        seen["old_images"] = _seen(passes(unlabelled, batch), branch)["old"]
-        return _fit(branch, seen, copies=2 if mirrored else 1)
-    finally:
-        model.train(was_training)
-
-
-def _with_mirrors(examples: Iterable[tuple[Tensor, dict[str, Tensor]]]):
-    """Each (image, target) pair, then its left-right mirror image."""
-    for image, target in examples:
-        yield image, target
-        boxes = target["boxes"].reshape(-1, 4)
-        mirrored = boxes.clone()
-        mirrored[:, [0, 2]] = image.shape[-1] - boxes[:, [2, 0]]
-        yield image.flip(-1), {**target, "boxes": mirrored}
-
-
-def _rcnn_pass(model: nn.Module, heads, branch, examples, batch: int):
-    """Per batch of ``examples``: the targets (in the transformed images), the model's detections
-    before ``branch`` scoring >= ``KEEPER_SCORE``, and a function giving the base features at boxes."""
-    for chunk in chunks(examples, batch):
-        image_list, targets = transformed(model, chunk)
-        features = model.backbone(image_list.tensors)
-        if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
-            features = OrderedDict([("0", features)])
-        proposals, _ = model.rpn(image_list, features)
-        before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
-        yield targets, before, lambda boxes: heads.base_features(features, boxes, image_list.image_sizes)  # noqa: B023
-
-
-def transformed(model: nn.Module, chunk: list[tuple[Tensor, dict[str, Tensor]]]):
-    """A chunk of (image, target) pairs on the model's device, through its transform: the
-    ``ImageList`` and the targets (boxes and labels) in its coordinates."""
-    device = next(model.parameters()).device
-    images = [im.to(device) for im, _ in chunk]
-    targets = [
-        {"boxes": t["boxes"].to(device).reshape(-1, 4).float(), "labels": t["labels"].to(device)} for _, t in chunk
-    ]
-    return model.transform(images, targets)
-
-
-def _seen(passes: Iterable[tuple[list, list, Callable]], branch: nn.Module) -> dict[str, Tensor]:
-    """The base features of the training objects (``training_objects``) over all ``passes`` (empty
-    when there were none)."""
-    seen: dict[str, list[Tensor]] = {k: [] for k in TRAINING_OBJECTS}
-    for targets, before, features_at in passes:
-        objects = training_objects(targets, before, branch)
-        for key in ("new", "false_alarms", "old"):
-            seen[key].append(features_at(objects[key]))
-        for key in ("labels", "false_alarm_scores", "false_alarm_labels"):
-            seen[key] += objects[key]
-    if not seen["new"]:  # no image at all
-        return {k: torch.zeros(0) for k in TRAINING_OBJECTS}
-    return {k: torch.cat(v) for k, v in seen.items()}
-
-
-def training_objects(targets: list[dict], before: list[dict], branch: nn.Module) -> dict[str, list[Tensor]]:
-    """Per image (each value a list over images): the labelled boxes of the branch's classes
-    (``new``) and their labels, 0-based in the branch (``labels``); the model's detections before the
-    branch (``before``) that score >= ``KEEPER_SCORE`` on those boxes, IoU >= 0.5 (``false_alarms``,
-    with ``false_alarm_scores`` and ``false_alarm_labels``) and away from them, IoU < 0.3 (``old``)."""
-    objects: dict[str, list[Tensor]] = {k: [] for k in TRAINING_OBJECTS}
-    for t, d in zip(targets, before):
-        own = branch.owns(t["labels"])
-        confident = d["scores"] >= KEEPER_SCORE
-        iou = d["scores"].new_zeros(len(d["scores"]))
-        if own.any() and len(d["boxes"]):
-            iou = box_iou(d["boxes"], t["boxes"][own]).max(1).values
-        on_new = confident & (iou >= 0.5)
-        objects["new"].append(t["boxes"][own])
-        objects["labels"].append(t["labels"][own] - branch.first_label)
-        objects["false_alarms"].append(d["boxes"][on_new])
-        objects["false_alarm_scores"].append(d["scores"][on_new])
-        objects["false_alarm_labels"].append(d["labels"][on_new])
-        objects["old"].append(d["boxes"][confident & (iou < 0.3)])
-    return objects
-
-
-def _fit(branch: nn.Module, seen: dict[str, Tensor], copies: int = 1) -> dict:
-    """Prototypes, alpha, memories and the false-alarm score from ``seen`` (``_seen``; each image
-    read ``copies`` times), set on ``branch``; returns them for the record."""
-    num_new = len(branch.prototypes)
-    feats, labels = seen["new"], seen["labels"]
-    missing = [branch.first_label + c for c in range(num_new) if not (labels == c).any()]
-    if missing:
-        raise ValueError(f"calibrate needs labelled boxes of every new class; none of label(s) {missing}")
-    prototypes = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(num_new)]), dim=1)
-    boxes = torch.bincount(labels, minlength=num_new).to(feats) / copies
-    alpha = boxes / (boxes + PRIOR_BOXES)
-    new_memory = _spread(torch.cat([feats, seen["false_alarms"]]))
-    old_images = seen["old_images"]
-    old_memory = _spread(torch.cat([seen["old"], old_images.to(seen["old"])]) if len(old_images) else seen["old"])
-    scores = seen["false_alarm_scores"]
-    false_alarm_score = scores.max().item() if len(scores) else 0.0
-    set_arbitration(branch, prototypes, alpha, new_memory, old_memory, false_alarm_score)
-    learned = {
-        "new_boxes": len(feats) // copies,
-        "mirrored": copies == 2,
-        "false_alarms": len(seen["false_alarms"]),
-        "old_objects": len(seen["old"]),
-        "old_image_objects": len(old_images),  # the model's confident detections on ``old_images``
-        "false_alarm_score": round(false_alarm_score, 4),
-        # which older labels the model fired on the labelled new objects, most often first (each image
-        # and, when mirrored, its mirror image counted): the classes it takes the new ones for
-        "false_alarm_labels": _counts(seen["false_alarm_labels"]),
-        "alpha": [round(a, 3) for a in alpha.tolist()],
-        # how well the memories separate, each item judged by the others (leave-one-out): the share
-        # of old objects nearer to new_memory, and of new_memory nearer to old_memory
-        "old_like_new": _share_nearer(old_memory, new_memory),
-        "new_like_old": _share_nearer(new_memory, old_memory),
-    }
-    log.info(
-        "arbitration calibrated on %d new boxes%s, %d false alarms of the base on them and %d old objects%s: %s",
-        learned["new_boxes"],
-        " (and their mirror images)" if copies == 2 else "",
-        len(seen["false_alarms"]),
-        len(seen["old"]),
-        f" (and {len(old_images)} on the old-class images)" if len(old_images) else "",
-        learned,
-    )
-    return learned
-
-
-def _counts(labels: Tensor) -> dict[str, int]:
-    """``{label: how often}`` over ``labels``, most frequent first (string keys, for JSON)."""
-    found, counts = labels.unique(return_counts=True)
-    pairs = sorted(zip(found.tolist(), counts.tolist()), key=lambda pair: (-pair[1], pair[0]))
-    return {str(label): count for label, count in pairs}
-
-
-def _spread(features: Tensor) -> Tensor:
-    """At most ``MEMORY`` rows of ``features``, evenly spaced."""
-    if len(features) <= MEMORY:
-        return features
-    return features[torch.linspace(0, len(features) - 1, MEMORY, device=features.device).long()]
-
-
-def _share_nearer(own: Tensor, other: Tensor) -> float | None:
-    """The share of ``own``'s rows nearer to ``other`` than to the rest of ``own``."""
-    if len(own) < 2:
-        return None
-    within = own @ own.T
-    within.fill_diagonal_(-2.0)
-    return round((_nearest(own, other) > within.max(1).values).float().mean().item(), 3)
-
-
-def _nearest(features: Tensor, memory: Tensor, rank: int = 1) -> Tensor:
+def nearest(features: Tensor, memory: Tensor, rank: int = 1) -> Tensor:
     """Each row's cosine to its nearest ``memory`` row, or with ``rank`` k its k-th nearest (-2 when
     the memory is empty)."""
     if len(memory) == 0:
@@ -339,12 +143,6 @@ def old_rank(old: int, new: int, share: float = OLD_RANK_SHARE) -> int:
     contested detection is compared with the k-th nearest old object, k = ``share`` * old / new
     (rounded, at least 1). 1 whenever the old memory is the smaller one."""
     return max(1, int(share * old / max(new, 1) + 0.5))
-
-
-def chunks(items: Iterable, size: int):
-    items = iter(items)
-    while chunk := list(itertools.islice(items, size)):
-        yield chunk
 
 
 class BranchState(NamedTuple):
@@ -459,7 +257,7 @@ def _calibrated(
         contested = torch.nonzero(claims.any(1)).flatten()
         f = features[contested]
         rank = old_rank(branch.old_memory.shape[0], branch.new_memory.shape[0])
-        looks_new = (_nearest(f, branch.new_memory) > _nearest(f, branch.old_memory, rank)) & (
+        looks_new = (nearest(f, branch.new_memory) > nearest(f, branch.old_memory, rank)) & (
             scores[contested] <= branch.false_alarm_score
         )
         false_alarm = torch.zeros_like(claims[:, 0]).index_put((contested,), looks_new)

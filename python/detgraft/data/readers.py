@@ -23,7 +23,7 @@ first when it overlaps both.
 
 ``combine`` joins several into one; ``choose_categories`` keeps and renames some (``--categories``).
 The readers only read: what is wrong inside (a string where a
-number belongs, a box outside its image, an id that is not there) is for ``detgraft.data_check``,
+number belongs, a box outside its image, an id that is not there) is for ``detgraft.data.check``,
 which names the file and the line or id. A file that cannot be parsed at all raises ``ValueError``
 naming it.
 """
@@ -36,13 +36,13 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
-from .card import normalize_name
-from .evaluate import Dataset
-from .image_files import ImageError, image_size
+from .check import check_dataset
+from .dataset import Dataset, normalize_name
+from .images import ImageError, image_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["choose_categories", "combine", "read_coco", "read_dataset", "read_voc", "read_yolo"]
+__all__ = ["choose_categories", "combine", "read_checked", "read_coco", "read_dataset", "read_voc", "read_yolo"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -347,3 +347,20 @@ def choose_categories(data: Dataset, spec: str) -> Dataset:
         "annotations": [a for a in data.coco["annotations"] if a.get("category_id") in kept],
     }
     return replace(data, coco=coco)
+
+
+def read_checked(
+    paths: list[str], images: str | None, skip_bad: bool, categories: str | None = None, split: str = "train"
+):
+    """The datasets at ``paths`` read (a YOLO data.yaml's ``split`` unless a path names one:
+    ``data.yaml:test``), checked (a problem to fix raises ``DataError``), narrowed to ``categories``
+    (``choose_categories``) and combined."""
+    checked = []
+    for path in paths:
+        data, report = check_dataset(read_dataset(path, images, split), skip_bad=skip_bad)
+        if categories:
+            data = choose_categories(data, categories)
+        counts = ", ".join(f"{k} {n}" for k, n in report.counts().items()) or "no problems"
+        log.info("%s: %d images, %d boxes; %s", path, report.images, sum(report.boxes_per_class.values()), counts)
+        checked.append(data)
+    return combine(checked)

@@ -12,16 +12,15 @@ from torch import nn
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from .card import get_card
-from .image_files import load_image
-from .progress import track
+from ..data.images import load_image
+from ..model.card import get_card
+from ..progress import track
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "Prediction"]
+__all__ = ["PALETTE", "Prediction", "predict_files"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-_PALETTE = [
+PALETTE = [
     "#e6194b",
     "#3cb44b",
     "#4363d8",
@@ -50,16 +49,6 @@ class Prediction:
     scores: list[float] = field(default_factory=list)
 
 
-def find_images(path: str | Path) -> list[Path]:
-    """``path`` itself if it is a file, else the image files in the folder (sorted, not recursive)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{str(path)!r} is neither an image file nor a folder")
-    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 @torch.no_grad()
 def predict_files(
     model: nn.Module, files: list[Path], out_dir: str | Path, *, score: float = 0.5, device: str = "cpu"
@@ -85,7 +74,7 @@ def predict_files(
         boxes, labels, scores = out["boxes"][keep].cpu(), out["labels"][keep].cpu(), out["scores"][keep].cpu()
         names = [card.classes[i] for i in labels.tolist()]
         predictions.append(Prediction(str(file), boxes.tolist(), labels.tolist(), names, scores.tolist()))
-        colors = [_PALETTE[i % len(_PALETTE)] for i in labels.tolist()]
+        colors = [PALETTE[i % len(PALETTE)] for i in labels.tolist()]
         drawn = image
         if "masks" in out and len(boxes):  # Mask R-CNN: [N, 1, H, W] probabilities, cut at 0.5 as torchvision's docs do
             masks = out["masks"][keep].cpu()[:, 0] >= 0.5

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from . import _core, families
+from .. import _core
+from . import families
 from .card import BACKGROUND, UNUSED, get_card
 
 __all__ = ["INITS", "expand_predictor", "expand_state_dict", "box_features"]
@@ -71,11 +72,10 @@ def expand_predictor(
             f"the model's card names {card.num_classes} classes but the model has {old_num_classes} outputs; "
             "fix model.detgraft_card.classes"
         )
-    one_stage = kind not in ("faster_rcnn", "mask_rcnn")
-    if one_stage and init != "preserve":
+    if not kind.two_stage and init != "preserve":
         raise ValueError(
-            f"a {kind} model's new classes start one way (init='preserve': below the score threshold, so it detects "
-            f"exactly what it did); init={init!r} is for R-CNN box predictors"
+            f"a {kind.name} model's new classes start one way (init='preserve': below the score threshold, so it "
+            f"detects exactly what it did); init={init!r} is for R-CNN box predictors"
         )
     features = feature_labels = None
     if init == "imprint":
@@ -87,7 +87,7 @@ def expand_predictor(
         raise ValueError(f'examples are only used by init="imprint", not init={init!r}')
 
     families.widen_class_tensors(model, len(names))
-    if not one_stage:
+    if kind.two_stage:
         _widen_in_place(model.roi_heads.box_predictor, len(names), init, seed, features, feature_labels)
 
     labels = list(range(old_num_classes, old_num_classes + len(names)))
@@ -199,7 +199,7 @@ def resize_predictor(model: nn.Module, num_classes: int) -> None:
     rows are placeholders about to be overwritten by ``load_state_dict``."""
     num_new = num_classes - families.num_classes(model)
     families.widen_class_tensors(model, num_new)
-    if families.family(model) in ("faster_rcnn", "mask_rcnn"):
+    if families.family(model).two_stage:
         _widen_in_place(model.roi_heads.box_predictor, num_new)
 
 

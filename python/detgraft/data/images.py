@@ -18,7 +18,9 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
-__all__ = ["ImageError", "image_size", "load_image"]
+__all__ = ["IMAGE_SUFFIXES", "ImageError", "find_images", "image_size", "load_image"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 class ImageError(ValueError):
@@ -65,3 +67,13 @@ def image_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {str(path)!r} ({err})") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def find_images(path: str | Path) -> list[Path]:
+    """``path`` itself if it is a file, else the image files in the folder (sorted, not recursive)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is neither an image file nor a folder")
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

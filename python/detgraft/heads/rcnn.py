@@ -4,7 +4,7 @@ A branch is a box head and a predictor of its own (background + that extension's
 reads the base's RoI features of the base's proposals, plus an ``others`` output that learns
 from the model's own detections what is not new. At inference the base's old-class detections
 are computed exactly as the base computes them (the same layers, the same weights, the same
-shapes), each branch detects its classes, and ``detgraft.arbitration`` merges the lists: where
+shapes), each branch detects its classes, and ``detgraft.heads.merge`` merges the lists: where
 an old and a new detection overlap with IoU >= ``merge_iou``, it decides by the branch's
 calibrated score and by what the base's own features say the box looks like. That merge is the
 only way an old-class detection can change, so "zero forgetting" means exactly: every old-class
@@ -19,25 +19,28 @@ mode returns torchvision's list of ``{boxes, labels, scores}``.
 
 import copy
 import logging
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 
-from .arbitration import (
-    ARBITRATION_STATE,
-    Arbitrated,
-    BranchState,
-    add_arbitration_state,
-    memory_lengths,
-    merge,
-    resize_memories,
-)
+from .merge import KEEPER_SCORE, Arbitrated, BranchState, add_arbitration_state, memory_lengths, merge, resize_memories
 from .teacher import add_teacher_boxes
 
-__all__ = ["ARBITRATION_STATE", "Branch", "BranchRoIHeads", "add_branch", "branch_layout"]
+__all__ = [
+    "Branch",
+    "BranchRoIHeads",
+    "add_branch",
+    "attach_branch",
+    "branch_layout",
+    "branches",
+    "calibration_pass",
+    "restore_branches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,9 @@ MASK_ROIS = 8  # a branch's mask loss: at most this many positives per batch (16
 
 
 class Branch(Arbitrated, nn.Module):
-    """A box head and a predictor for labels ``first_label`` .. ``first_label + num_classes - 2``
-    (``num_classes`` counts the branch's background, as torchvision's does). With ``others``, the
+    """A box head and a predictor for the ``num_new`` labels ``first_label`` .. ``first_label +
+    num_new - 1``; ``num_classes`` = ``num_new + 1`` counts the branch's background, as torchvision's
+    does. With ``others``, the
     predictor has one more output after them: "an object the model knew before", learned from the
     teacher's detections (see ``BranchRoIHeads``). In a Mask R-CNN, a mask predictor of its own
     classes reads the base's (frozen) mask head."""
@@ -65,16 +69,19 @@ class Branch(Arbitrated, nn.Module):
         self.first_label = first_label
         self.others = others
         self.mask_predictor = mask_predictor  # Mask R-CNN: background + the branch's classes, on the base's mask head
-        self.num_new = self.num_classes - 1  # the branch's labels: first_label .. first_label + num_new - 1
-        # the arbitration's state (detgraft.arbitration.calibrate): saved with the weights
-        add_arbitration_state(self, self.num_classes - 1, box_predictor.cls_score.weight)
+        # the predictor's outputs: background, the branch's classes, and with ``others`` one more
+        self.num_new = box_predictor.cls_score.out_features - 1 - (1 if others else 0)
+        # the arbitration's state (detgraft.strategies.calibrate): saved with the weights
+        add_arbitration_state(self, self.num_new, box_predictor.cls_score.weight)
 
     @property
     def num_classes(self) -> int:
-        return self.box_predictor.cls_score.out_features - self.others
+        """The branch's classes and its background (torchvision's ``num_classes``); the ``others``
+        output, when there is one, is the next."""
+        return self.num_new + 1
 
     def owns(self, labels: Tensor) -> Tensor:
-        return (labels >= self.first_label) & (labels < self.first_label + self.num_classes - 1)
+        return (labels >= self.first_label) & (labels < self.first_label + self.num_new)
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
         """Class logits and box regression over background and the branch's classes: the
@@ -90,7 +97,8 @@ class Branch(Arbitrated, nn.Module):
 class BranchRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` (the base's, untouched) plus ``branches`` (an ``nn.ModuleList``).
 
-    Also set by ``add_branch``: ``base_width`` (the base predictor's outputs, background included),
+    Also set by ``add_branch``: ``old_num_classes`` (the base predictor's outputs, background
+    included: the first branch's first label),
     ``merge_iou`` (float or None), ``keep`` and ``ignore`` (teacher scores of the branches'
     ``others`` output: a label from keep, left out of the loss from ignore) and
     ``teacher_proposals`` (the teacher reads the top proposals, as many as the base reads at
@@ -162,7 +170,7 @@ class BranchRoIHeads(RoIHeads):
             raise ValueError("training a branch needs targets")
         branch = self.branches[-1]
         targets = [_branch_targets(t, branch) for t in targets]
-        if self.has_mask():  # torchvision's checks want masks; boxes without one have none (detgraft.masks)
+        if self.has_mask():  # torchvision's checks want masks; boxes without one have none (detgraft.heads.masks)
             targets = [t if "masks" in t else {**t, "masks": t["boxes"].new_zeros(0, 1, 1)} for t in targets]
         if branch.others:
             with torch.no_grad():
@@ -183,7 +191,7 @@ class BranchRoIHeads(RoIHeads):
     def _branch_mask_loss(self, features, proposals, matched, labels, targets, image_shapes) -> Tensor:
         """torchvision's mask loss of the newest branch's mask predictor on the base's mask head
         features, over the sampled positives of the branch's classes matched to a box with a mask
-        (box ``k`` has one when ``k < len(masks)``, see ``detgraft.masks``), at most
+        (box ``k`` has one when ``k < len(masks)``, see ``detgraft.heads.masks``), at most
         ``MASK_ROIS`` per batch (the first ones the sampler drew); 0 without any."""
         branch = self.branches[-1]
         boxes, chosen, left = [], [], MASK_ROIS
@@ -220,8 +228,8 @@ class BranchRoIHeads(RoIHeads):
         x = self.mask_head(self.mask_roi_pool(features, [r["boxes"] for r in result], image_shapes))
         labels = torch.cat([r["labels"] for r in result])
         index = torch.arange(labels.shape[0], device=labels.device)
-        old = (labels < self.base_width)[:, None, None]
-        logits = self.mask_predictor(x)[index, labels.clamp(max=self.base_width - 1)]
+        old = (labels < self.old_num_classes)[:, None, None]
+        logits = self.mask_predictor(x)[index, labels.clamp(max=self.old_num_classes - 1)]
         probs = torch.where(old, logits.sigmoid(), torch.zeros_like(logits))
         for branch in self.branches:
             predictor = branch.mask_predictor
@@ -237,9 +245,9 @@ class BranchRoIHeads(RoIHeads):
         self, pooled: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The base's detections, computed as the base computes them: its predictor's first
-        ``base_width`` rows are a Linear of the base's own shape."""
+        ``old_num_classes`` rows are a Linear of the base's own shape."""
         x = self.box_head(pooled).flatten(start_dim=1)
-        predictor, width = self.box_predictor, self.base_width
+        predictor, width = self.box_predictor, self.old_num_classes
         logits = F.linear(x, predictor.cls_score.weight[:width], predictor.cls_score.bias[:width])
         regression = F.linear(x, predictor.bbox_pred.weight[: 4 * width], predictor.bbox_pred.bias[: 4 * width])
         return self.postprocess_detections(logits, regression, proposals, image_shapes)
@@ -306,7 +314,7 @@ def add_branch(
     if not isinstance(heads, BranchRoIHeads):
         heads.__class__ = BranchRoIHeads
         heads.branches = nn.ModuleList()
-        heads.base_width = labels[0]
+        heads.old_num_classes = labels[0]
         heads.merge_iou = merge_iou
     heads.keep, heads.ignore = keep, ignore
     heads.teacher_proposals = model.rpn._post_nms_top_n["testing"]
@@ -348,33 +356,48 @@ def attach_branch(model: nn.Module, branches: nn.ModuleList, branch: nn.Module) 
     return branch
 
 
+def branches(model: nn.Module) -> nn.ModuleList | None:
+    """The model's R-CNN branches (None before the first)."""
+    heads = getattr(model, "roi_heads", None)
+    return heads.branches if isinstance(heads, BranchRoIHeads) else None
+
+
 def branch_layout(model: nn.Module) -> dict | None:
     """What ``restore_branches`` needs to rebuild the branches before loading their weights."""
-    heads = getattr(model, "roi_heads", None)
-    if not isinstance(heads, BranchRoIHeads):
+    if branches(model) is None:
         return None
+    heads = model.roi_heads
     return {
-        "base_width": heads.base_width,
+        "old_num_classes": heads.old_num_classes,
         "merge_iou": heads.merge_iou,
         "branches": [
-            {
-                "first_label": b.first_label,
-                "num_classes": b.num_classes,
-                "others": b.others,
-                "memory": memory_lengths(b),
-            }
+            {"first_label": b.first_label, "num_new": b.num_new, "others": b.others, "memory": memory_lengths(b)}
             for b in heads.branches
         ],
     }
 
 
 def restore_branches(model: nn.Module, layout: dict) -> None:
-    """Rebuilds the branches ``branch_layout`` described (weights follow with load_state_dict)."""
+    """Rebuilds the branches ``branch_layout`` described (weights follow with load_state_dict).
+    Reads the layout of detgraft 0.1 checkpoints too (``base_width``; ``num_classes`` with the background)."""
     for b in layout["branches"]:
-        labels = list(range(b["first_label"], b["first_label"] + b["num_classes"] - 1))
+        num_new = b["num_new"] if "num_new" in b else b["num_classes"] - 1
+        labels = list(range(b["first_label"], b["first_label"] + num_new))
         branch = add_branch(model, labels, layout["merge_iou"], others=b.get("others", False))
         resize_memories(branch, b.get("memory", [0, 0]))
-    model.roi_heads.base_width = layout["base_width"]
+    model.roi_heads.old_num_classes = layout.get("old_num_classes", layout.get("base_width"))
+
+
+def calibration_pass(model: nn.Module, image_list: ImageList, branch: Branch):
+    """What ``detgraft.calibrate`` reads of an R-CNN on transformed images: the model's detections
+    before ``branch`` scoring >= ``KEEPER_SCORE``, and a function giving the base features at boxes."""
+    heads = model.roi_heads
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(image_list, features)
+    before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
+    return before, lambda boxes: heads.base_features(features, boxes, image_list.image_sizes)
 
 
 def _branch_targets(target: dict[str, Tensor], branch: Branch) -> dict[str, Tensor]:

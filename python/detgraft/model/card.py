@@ -11,17 +11,14 @@ from typing import Any
 
 from torch import nn
 
+from . import families
+
 __all__ = ["ModelCard", "get_card", "coco_names"]
 
 log = logging.getLogger(__name__)
 
 BACKGROUND = "__background__"
 UNUSED = "N/A"
-
-
-def normalize_name(name: str) -> str:
-    """How class names are matched: case-, space-, '_' and '-'-insensitive ('Traffic light' = 'traffic_light')."""
-    return "".join(ch for ch in str(name).lower() if ch not in " _-")
 
 
 def coco_names() -> list[str]:
@@ -38,7 +35,7 @@ class ModelCard:
     Attributes:
         classes (list[str]): the name of each label; ``classes[0]`` is ``'__background__'``, so
             ``len(classes)`` is torchvision's ``num_classes``.
-        builder (dict | None): how to rebuild the architecture (see ``detgraft.checkpoint``).
+        builder (dict | None): how to rebuild the architecture (see ``detgraft.model.checkpoint``).
         source (str | None): where the base weights came from.
         history (list[dict]): one entry per extension: ``added`` names, their ``labels``, ``init``,
             ``data`` and ``date``.
@@ -96,9 +93,7 @@ def get_card(model: nn.Module) -> ModelCard:
     card = getattr(model, "detgraft_card", None)
     if card is not None:
         return card
-    from .families import num_classes as _num_classes
-
-    num_classes = _num_classes(model)
+    num_classes = families.num_classes(model)
     if num_classes == 91:
         classes = coco_names()
         log.info("model has 91 outputs and no class names: assuming torchvision's COCO categories")
