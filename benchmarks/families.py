@@ -43,8 +43,8 @@ import detgraft  # noqa: E402
 from detgraft.data.batches import TrainingSet  # noqa: E402
 from detgraft.data.dataset import load_dataset  # noqa: E402
 from detgraft.evaluation.metrics import detect, evaluate  # noqa: E402
+from detgraft.model.builders import read_classes  # noqa: E402
 from detgraft.model.families import by_name  # noqa: E402
-from detgraft.model.loading import read_classes as _read_classes  # noqa: E402
 from detgraft.settings import auto_lr  # noqa: E402
 from detgraft.strategies.incremental import freeze_batchnorm  # noqa: E402
 
@@ -107,7 +107,7 @@ def train_base(args, name: str, build, prepare, trains: str, recipe: dict, masks
     model = build()
     prepare(model)
     card = detgraft.get_card(model)
-    card.classes[:] = _read_classes(args.bench / "base.json")
+    card.classes[:] = read_classes(args.bench / "base.json")
     card.builder = {"kind": "python", "file": str(HERE / f"{name}_base.py"), "function": "build", "kwargs": {}}
     freeze_batchnorm(model)
     for parameter_name, p in model.named_parameters():

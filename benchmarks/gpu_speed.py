@@ -37,7 +37,7 @@ import detgraft  # noqa: E402
 from detgraft.data.batches import TrainingSet  # noqa: E402
 from detgraft.data.dataset import load_dataset  # noqa: E402
 from detgraft.extend import class_mapping  # noqa: E402
-from detgraft.model.loading import torchvision_builder  # noqa: E402
+from detgraft.model.builders import torchvision_builder  # noqa: E402
 from detgraft.settings import ExtendSettings  # noqa: E402
 from detgraft.train import optimizer_and_schedule  # noqa: E402
 from detgraft.train import train_loop as extend_loop  # noqa: E402

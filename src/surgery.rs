@@ -3,8 +3,6 @@
 //! `box_regression.reshape(N, -1, 4)` reads it). Old rows are copied exactly; the new rows come
 //! from an [`Init`] strategy. Every tensor stays on the device and dtype it came with.
 
-use tch::{Kind, Tensor};
-
 use crate::error::{Error, Result};
 use crate::init::{self, Init};
 use crate::layout::append;
@@ -38,7 +36,7 @@ pub fn widen(old: &Predictor, num_new: i64, init: &Init) -> Result<Predictor> {
 mod tests {
     use super::*;
     use crate::predictor::tests::predictor;
-    use tch::Device;
+    use tch::{Device, Kind, Tensor};
 
     #[test]
     fn widening_keeps_old_rows_exactly() {

@@ -29,6 +29,8 @@ def modules() -> dict[str, Path]:
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if len(parts) > 1 and parts[-1] == "__init__":  # a subpackage is named by its folder
+            parts = parts[:-1]
         found[".".join(parts)] = path
     return found
 

@@ -11,9 +11,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import detgraft
 from conftest import TINY_BUILDER, assert_same_detections, detect
-from detgraft.model.builders import weights_cache_path
+from detgraft.model.builders import read_state_dict, weights_cache_path
 from detgraft.model.card import coco_names
-from detgraft.model.loading import read_state_dict
 from tiny_model import build, images
 
 TINY_NAMES = ["__background__", "person", "bird", "N/A", "cup", "laptop"]
