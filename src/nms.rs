@@ -7,8 +7,9 @@
 //! and suppresses nothing). `batched_nms` runs this independently per class index (exactly,
 //! without torchvision's coordinate-offset trick) and returns the kept indices by descending score.
 //!
-//! CPU tensors run the host kernel below; other devices run [`nms_tensor`], tensor operations
-//! through libtorch that never leave the device.
+//! CPU tensors run the host kernel below; other devices run [`nms_tensor`]: the suppression matrix
+//! built by tensor operations on the device and brought to the host once, packed into 64-bit
+//! words, for the greedy scan (torchvision's CUDA formulation).
 
 use tch::{Device, Kind, Tensor};
 
@@ -296,10 +297,10 @@ fn suppress_after_portable<T: Real>(c: &Columns<T>, i: usize, threshold: T, supp
     }
 }
 
-/// NMS as tensor operations on the boxes' device. The pairwise suppression matrix `S` (IoU >
-/// threshold, same class, later in score order) is built at once; the greedy result is the unique
-/// fixed point of `keep[j] = no kept i with S[i, j]`, reached by repeating that update (at most
-/// N times; in practice a few).
+/// NMS as tensor operations on the boxes' device, with one transfer to the host (torchvision's
+/// CUDA formulation): the pairwise suppression matrix `S` (IoU > threshold, same class, later in
+/// score order) is built on the device and packed into 64-bit words per row; those words come to
+/// the host once, where the greedy scan in score order keeps a box unless a kept box suppresses it.
 pub fn nms_tensor(
     boxes: &Tensor,
     scores: &Tensor,
@@ -309,6 +310,9 @@ pub fn nms_tensor(
     let device = boxes.device();
     let n = boxes.size()[0];
     let order = scores.f_argsort_stable(true, 0, true)?;
+    if n == 0 {
+        return Ok(order);
+    }
     let b = boxes.f_index_select(0, &order)?;
     let col = |k: i64| b.f_select(1, k);
     let (x1, y1, x2, y2) = (col(0)?, col(1)?, col(2)?, col(3)?);
@@ -332,27 +336,41 @@ pub fn nms_tensor(
         let c = idxs.f_index_select(0, &order)?;
         suppresses = suppresses.f_logical_and(&row(&c)?.f_eq_tensor(&column(&c)?)?)?;
     }
-    // a 0/1 matrix product counts the kept boxes that suppress each box
-    let kind = if device == Device::Cpu {
-        Kind::Float
-    } else {
-        Kind::Half
-    };
-    let s = suppresses.f_to_kind(kind)?;
-    let mut keep = Tensor::f_ones([n], (Kind::Bool, device))?;
-    for _ in 0..=n {
-        let hits = keep
-            .f_to_kind(kind)?
-            .f_unsqueeze(0)?
-            .f_matmul(&s)?
-            .f_squeeze_dim(0)?;
-        let next = hits.f_eq(0.0)?;
-        if next.equal(&keep) {
-            break;
+    let words = (n + 63) / 64;
+    let mask = pack_rows(&suppresses, words)?.f_to_device(Device::Cpu)?;
+    let mask = Vec::<i64>::try_from(mask.f_flatten(0, -1)?)?;
+    let keep = greedy_on_mask(&mask, n as usize, words as usize);
+    let keep = Tensor::f_from_slice(&keep)?.f_to_device(device)?;
+    Ok(order.f_index_select(0, &keep)?)
+}
+
+/// A bool matrix [N, N] as [N, words] of 64-bit words, bit `j % 64` of word `j / 64` for column j
+/// (the sum of distinct powers of two: no carries, so bit 63 comes out as the sign bit).
+fn pack_rows(bits: &Tensor, words: i64) -> Result<Tensor> {
+    let n = bits.size()[0];
+    let device = bits.device();
+    let padded = bits
+        .f_to_kind(Kind::Int64)?
+        .f_constant_pad_nd([0, words * 64 - n])?
+        .f_view([n, words, 64])?;
+    let powers = Tensor::f_ones([64], (Kind::Int64, device))?
+        .f_bitwise_left_shift(&Tensor::f_arange(64, (Kind::Int64, device))?)?;
+    Ok((padded * powers).f_sum_dim_intlist([2i64].as_slice(), false, Kind::Int64)?)
+}
+
+/// The greedy scan over a packed suppression matrix (rows in score order): the positions kept.
+fn greedy_on_mask(mask: &[i64], n: usize, words: usize) -> Vec<i64> {
+    let mut removed = vec![0u64; words];
+    let mut keep = vec![];
+    for i in 0..n {
+        if removed[i / 64] >> (i % 64) & 1 == 0 {
+            keep.push(i as i64);
+            for (r, m) in removed.iter_mut().zip(&mask[i * words..(i + 1) * words]) {
+                *r |= *m as u64;
+            }
         }
-        keep = next;
     }
-    Ok(order.f_masked_select(&keep)?)
+    keep
 }
 
 #[cfg(test)]

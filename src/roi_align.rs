@@ -8,7 +8,9 @@
 //! CPU tensors (float32/float64) run the host kernels, threaded over RoIs (forward) and channels
 //! (backward) with torch's thread count; they add in torchvision's order, so results match it to
 //! the last bit or nearly. Other devices run separable tensor operations: each RoI's sampling is
-//! a [pooled, H] matrix times the map times a [W, pooled] matrix, all on the device.
+//! a [pooled, H] matrix times the map times a [W, pooled] matrix, all on the device; a call reads a
+//! few numbers from it (the batch indices' range, the largest sampling grid, the RoIs per image),
+//! none per RoI.
 
 use tch::{Device, Kind, Tensor};
 
@@ -444,14 +446,8 @@ fn backward_host<T: Real>(
     Ok(grad_input)
 }
 
-/// Per RoI, the [pooled_h, H] and [pooled_w, W] sampling matrices and the sample count.
-fn sampling_matrices(
-    rois: &Tensor,
-    p: &Params,
-    height: i64,
-    width: i64,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (kind, device) = (rois.kind(), rois.device());
+/// Each RoI's start and extent, (start_h, start_w, roi_h, roi_w), in feature-map coordinates.
+fn extents(rois: &Tensor, p: &Params) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let offset = if p.aligned { 0.5 } else { 0.0 };
     let coord = |i: i64| -> Result<Tensor> { Ok(rois.f_select(1, i)? * p.spatial_scale - offset) };
     let (start_w, start_h) = (coord(1)?, coord(2)?);
@@ -460,54 +456,95 @@ fn sampling_matrices(
         roi_w = roi_w.f_clamp_min(1.0)?;
         roi_h = roi_h.f_clamp_min(1.0)?;
     }
-    let axis =
-        |start: &Tensor, extent: &Tensor, pooled: i64, size: i64| -> Result<(Tensor, Tensor)> {
-            let bin = extent / pooled as f64;
-            let grid = if p.sampling_ratio > 0 {
-                Tensor::f_full_like(&bin, p.sampling_ratio)?
-            } else {
-                (extent / pooled as f64).f_ceil()?.f_clamp_min(0.0)?
-            };
-            let most = f64::try_from(grid.f_max()?)? as i64;
-            let k = start.size()[0];
-            let opts = (kind, device);
-            let bins = Tensor::f_arange(pooled, opts)?.f_view([1, pooled, 1])?;
-            let steps = Tensor::f_arange(most.max(1), opts)?.f_view([1, 1, most.max(1)])?;
-            let (start, bin, grid3) = (
-                start.f_view([k, 1, 1])?,
-                bin.f_view([k, 1, 1])?,
-                grid.f_view([k, 1, 1])?,
-            );
-            let at = (&start + &bins * &bin) + (&steps + 0.5) * &bin / &grid3;
-            let valid = at
-                .f_ge(-1.0)?
-                .f_logical_and(&at.f_le(size as f64)?)?
-                .f_logical_and(&steps.f_lt_tensor(&grid3)?)?;
-            // samples past a RoI's own grid (or with NaN steps of an empty grid) read pixel 0 at weight 0
-            let at = at
-                .f_where_self(&valid, &Tensor::f_zeros_like(&at)?)?
-                .f_clamp_min(0.0)?;
-            let low = at.f_floor()?;
-            let edge = low.f_ge((size - 1) as f64)?;
-            let last = Tensor::f_full_like(&low, (size - 1) as f64)?;
-            let low = low.f_where_self(&edge.f_logical_not()?, &last)?;
-            let high = (&low + 1.0).f_where_self(&edge.f_logical_not()?, &last)?;
-            let at = at.f_where_self(&edge.f_logical_not()?, &low)?;
-            let l = &at - &low;
-            let valid = valid.f_to_kind(kind)?;
-            let (w_low, w_high) = ((1.0 - &l) * &valid, l * &valid);
-            let matrix = Tensor::f_zeros([k, pooled, size], opts)?
-                .f_scatter_add(2, &low.f_to_kind(Kind::Int64)?, &w_low)?
-                .f_scatter_add(2, &high.f_to_kind(Kind::Int64)?, &w_high)?;
-            Ok((matrix, grid))
-        };
-    let (ay, grid_h) = axis(&start_h, &roi_h, p.pooled_h, height)?;
-    let (ax, grid_w) = axis(&start_w, &roi_w, p.pooled_w, width)?;
+    Ok((start_h, start_w, roi_h, roi_w))
+}
+
+/// Each RoI's sampling grid along one axis: `sampling_ratio`, or ceil(extent / pooled).
+fn grid(extent: &Tensor, pooled: i64, p: &Params) -> Result<Tensor> {
+    Ok(if p.sampling_ratio > 0 {
+        Tensor::f_full_like(extent, p.sampling_ratio)?
+    } else {
+        (extent / pooled as f64).f_ceil()?.f_clamp_min(0.0)?
+    })
+}
+
+/// The largest sampling grid of all RoIs, (rows, columns): one read from the device per call, so
+/// that the sample tensors of every chunk have a fixed size.
+fn largest_grid(rois: &Tensor, p: &Params) -> Result<(i64, i64)> {
+    if p.sampling_ratio > 0 || rois.size()[0] == 0 {
+        return Ok((p.sampling_ratio.max(1), p.sampling_ratio.max(1)));
+    }
+    let (_, _, roi_h, roi_w) = extents(rois, p)?;
+    let most = Tensor::f_stack(
+        &[
+            grid(&roi_h, p.pooled_h, p)?.f_max()?,
+            grid(&roi_w, p.pooled_w, p)?.f_max()?,
+        ],
+        0,
+    )?;
+    let most = Vec::<f64>::try_from(most.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
+    Ok(((most[0] as i64).max(1), (most[1] as i64).max(1)))
+}
+
+/// Per RoI, the [pooled_h, H] and [pooled_w, W] sampling matrices and the sample count; `most`:
+/// ``largest_grid`` of all the RoIs of the call.
+fn sampling_matrices(
+    rois: &Tensor,
+    p: &Params,
+    height: i64,
+    width: i64,
+    most: (i64, i64),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (kind, device) = (rois.kind(), rois.device());
+    let (start_h, start_w, roi_h, roi_w) = extents(rois, p)?;
+    let axis = |start: &Tensor,
+                extent: &Tensor,
+                pooled: i64,
+                size: i64,
+                most: i64|
+     -> Result<(Tensor, Tensor)> {
+        let bin = extent / pooled as f64;
+        let grid = grid(extent, pooled, p)?;
+        let k = start.size()[0];
+        let opts = (kind, device);
+        let bins = Tensor::f_arange(pooled, opts)?.f_view([1, pooled, 1])?;
+        let steps = Tensor::f_arange(most.max(1), opts)?.f_view([1, 1, most.max(1)])?;
+        let (start, bin, grid3) = (
+            start.f_view([k, 1, 1])?,
+            bin.f_view([k, 1, 1])?,
+            grid.f_view([k, 1, 1])?,
+        );
+        let at = (&start + &bins * &bin) + (&steps + 0.5) * &bin / &grid3;
+        let valid = at
+            .f_ge(-1.0)?
+            .f_logical_and(&at.f_le(size as f64)?)?
+            .f_logical_and(&steps.f_lt_tensor(&grid3)?)?;
+        // samples past a RoI's own grid (or with NaN steps of an empty grid) read pixel 0 at weight 0
+        let at = at
+            .f_where_self(&valid, &Tensor::f_zeros_like(&at)?)?
+            .f_clamp_min(0.0)?;
+        let low = at.f_floor()?;
+        let edge = low.f_ge((size - 1) as f64)?;
+        let last = Tensor::f_full_like(&low, (size - 1) as f64)?;
+        let low = low.f_where_self(&edge.f_logical_not()?, &last)?;
+        let high = (&low + 1.0).f_where_self(&edge.f_logical_not()?, &last)?;
+        let at = at.f_where_self(&edge.f_logical_not()?, &low)?;
+        let l = &at - &low;
+        let valid = valid.f_to_kind(kind)?;
+        let (w_low, w_high) = ((1.0 - &l) * &valid, l * &valid);
+        let matrix = Tensor::f_zeros([k, pooled, size], opts)?
+            .f_scatter_add(2, &low.f_to_kind(Kind::Int64)?, &w_low)?
+            .f_scatter_add(2, &high.f_to_kind(Kind::Int64)?, &w_high)?;
+        Ok((matrix, grid))
+    };
+    let (ay, grid_h) = axis(&start_h, &roi_h, p.pooled_h, height, most.0)?;
+    let (ax, grid_w) = axis(&start_w, &roi_w, p.pooled_w, width, most.1)?;
     let count = (grid_h * grid_w).f_clamp_min(1.0)?;
     Ok((ay, ax, count))
 }
 
-/// RoI indices per image and chunks of them small enough for the intermediate products.
+/// RoI indices per image and chunks of them small enough for the intermediate products. The RoIs
+/// are sorted by image on the device and the count per image read once (not a read per image).
 fn chunks_per_image(
     rois: &Tensor,
     batch: i64,
@@ -517,16 +554,20 @@ fn chunks_per_image(
 ) -> Result<Vec<(i64, Tensor)>> {
     let index = rois.f_select(1, 0)?.f_to_kind(Kind::Int64)?;
     let chunk = ((1i64 << 25) / (ph * c * w).max(1)).max(1);
-    let mut out = vec![];
-    for b in 0..batch {
-        let mine = index.f_eq(b)?.f_nonzero()?.f_squeeze_dim(1)?;
-        let count = mine.size()[0];
+    let by_image = index.f_argsort_stable(true, 0, false)?;
+    let counts = index
+        .f_bincount::<Tensor>(None, batch)?
+        .f_to_device(Device::Cpu)?;
+    let counts = Vec::<i64>::try_from(counts)?;
+    let (mut out, mut first) = (vec![], 0);
+    for (b, &count) in counts.iter().enumerate() {
         let mut start = 0;
         while start < count {
             let len = chunk.min(count - start);
-            out.push((b, mine.f_narrow(0, start, len)?));
+            out.push((b as i64, by_image.f_narrow(0, first + start, len)?));
             start += len;
         }
+        first += count;
     }
     Ok(out)
 }
@@ -536,9 +577,10 @@ fn forward_tensor(input: &Tensor, rois: &Tensor, p: Params) -> Result<Tensor> {
         <[i64; 4]>::try_from(input.size()).map_err(|_| Error::Shape("input must be 4-D".into()))?;
     let (ph, pw) = (p.pooled_h, p.pooled_w);
     let mut output = Tensor::f_zeros([rois.size()[0], c, ph, pw], (input.kind(), input.device()))?;
+    let most = largest_grid(rois, &p)?;
     for (b, idx) in chunks_per_image(rois, n, c, ph, w)? {
         let k = idx.size()[0];
-        let (ay, ax, count) = sampling_matrices(&rois.f_index_select(0, &idx)?, &p, h, w)?;
+        let (ay, ax, count) = sampling_matrices(&rois.f_index_select(0, &idx)?, &p, h, w, most)?;
         // [k*ph, H] @ [H, C*W] -> [k, ph*C, W] @ [k, W, pw] -> [k, ph, C, pw]
         let plane = input
             .f_get(b)?
@@ -567,9 +609,10 @@ fn backward_tensor(
     let [n, c, h, w] = input_size;
     let (ph, pw) = (p.pooled_h, p.pooled_w);
     let grad_input = Tensor::f_zeros([n, c, h, w], (grad.kind(), grad.device()))?;
+    let most = largest_grid(rois, &p)?;
     for (b, idx) in chunks_per_image(rois, n, c, ph, w)? {
         let k = idx.size()[0];
-        let (ay, ax, count) = sampling_matrices(&rois.f_index_select(0, &idx)?, &p, h, w)?;
+        let (ay, ax, count) = sampling_matrices(&rois.f_index_select(0, &idx)?, &p, h, w, most)?;
         let g = grad.f_index_select(0, &idx)? / count.f_view([k, 1, 1, 1])?;
         // the forward's products transposed: [k, ph*C, pw] @ [k, pw, W] -> [k*ph, C*W]; Ay^T @ it -> [H, C*W]
         let g = g

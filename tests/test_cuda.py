@@ -77,3 +77,19 @@ def test_roi_align_on_cuda_matches_torchvision(aligned):
     (a,) = torch.autograd.grad(out, x, grad)
     (b,) = torch.autograd.grad(expected, x, grad)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_autocast_on_cuda_computes_in_float32_as_torchvision():
+    from torchvision.ops import nms as tv_nms
+    from torchvision.ops import roi_align as tv_roi_align
+
+    from detgraft import ops
+    from test_ops import clustered_boxes, feature_maps, roi_boxes
+
+    x, rois = feature_maps(torch.float32).cuda().half(), roi_boxes(torch.float32).cuda().half()
+    boxes, scores = (t.cuda().half() for t in clustered_boxes(1000, 3))
+    with torch.autocast("cuda", dtype=torch.float16):
+        out, expected = ops.roi_align(x, rois, 3, 0.25, 2), tv_roi_align(x, rois, 3, 0.25, 2)
+        assert torch.equal(ops.nms(boxes, scores, 0.5), tv_nms(boxes, scores, 0.5))
+    assert out.dtype == expected.dtype == torch.float16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=torch.finfo(torch.float16).eps, atol=1e-5)

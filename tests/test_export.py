@@ -202,3 +202,25 @@ def test_a_one_stage_branch_model_exports_with_its_merge(tmp_path, name):
     pytest.importorskip("onnxruntime")
     check = export(model, tmp_path / "model.onnx", "onnx", images=checked)
     assert check["detections"] > 0 and check["max_box_difference"] < 1e-3 and check["max_score_difference"] < 1e-4
+
+
+def test_pt2_export_says_where_torchvision_stops_torch_export(tmp_path):
+    """torch.export cannot trace torchvision's detection models (a Python branch on a value from the
+    image, benchmarks/pt2.py): ``--format pt2`` says where, and what to use instead."""
+    model = build().eval()
+    with pytest.raises(ValueError, match=r"torchvision/.*\.py:\d+.*--format torchscript or onnx"):
+        export(model, tmp_path / "model.pt2", "pt2")
+
+
+def test_pt2_exports_a_one_stage_model_with_the_rust_operators(tmp_path):
+    """torchvision's batched_nms branches on the number of boxes; detgraft's operator does not, so an
+    FCOS exports (benchmarks/pt2.py); the program gives the model's detections."""
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs = {"weights": None, "weights_backbone": None, "num_classes": 5, "min_size": 96, "max_size": 96}
+    model = torchvision.models.get_model("fcos_resnet50_fpn", score_thresh=0.05, **kwargs).eval()
+    check = export(model, tmp_path / "fcos.pt2", "pt2", images=[torch.rand(3, 96, 96)])
+    assert check["detections"] > 0 and check["max_box_difference"] < 1e-3 and check["max_score_difference"] < 1e-5
+    program = torch.export.load(str(tmp_path / "fcos.pt2"))
+    assert any("detgraft" in str(node.target) for node in program.graph.nodes)

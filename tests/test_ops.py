@@ -79,18 +79,36 @@ def test_equal_scores_keep_the_lower_index():
 
 
 @pytest.mark.parametrize(
-    "call, match",
+    "call, error, match",
     [
-        (lambda: ops.nms(torch.zeros(3, 5), torch.zeros(3), 0.5), r"Tensor\[N, 4\]"),
-        (lambda: ops.nms(torch.tensor([[0.0, float("nan"), 1, 1]]), torch.ones(1), 0.5), "NaN"),
-        (lambda: ops.nms(torch.zeros(2, 4), torch.zeros(2, dtype=torch.float64), 0.5), "one floating dtype"),
-        (lambda: ops.roi_align(torch.zeros(1, 1, 4, 4), torch.tensor([[2.0, 0, 0, 1, 1]]), 2), "batch indices"),
-        (lambda: ops.roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4), 2), r"Tensor\[K, 5\]"),
+        # torchvision's own input checks (its test_nms_input_errors): RuntimeError
+        (lambda: ops.nms(torch.rand(4), torch.rand(3), 0.5), RuntimeError, r"Tensor\[N, 4\]"),
+        (lambda: ops.nms(torch.rand(3, 5), torch.rand(3), 0.5), RuntimeError, r"Tensor\[N, 4\]"),
+        (lambda: ops.nms(torch.rand(3, 4), torch.rand(3, 2), 0.5), RuntimeError, "one per box"),
+        (lambda: ops.nms(torch.rand(3, 4), torch.rand(4), 0.5), RuntimeError, "one per box"),
+        (lambda: ops.nms(torch.zeros(2, 4), torch.zeros(2, dtype=torch.float64), 0.5), RuntimeError, "one floating"),
+        (lambda: ops.nms(torch.tensor([[0.0, float("nan"), 1, 1]]), torch.ones(1), 0.5), RuntimeError, "NaN"),
+        # torchvision's box shape check: AssertionError
+        (lambda: ops.roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4), 2), AssertionError, r"Tensor\[K, 5\]"),
+        (lambda: ops.roi_align(torch.zeros(1, 1, 4, 4), [torch.zeros(1, 3)], 2), AssertionError, r"Tensor\[L, 4\]"),
+        (lambda: ops.roi_align(torch.zeros(1, 1, 4, 4), torch.tensor([[2.0, 0, 0, 1, 1]]), 2), RuntimeError, "batch"),
     ],
 )
-def test_bad_inputs_raise_value_errors(call, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_inputs_raise_torchvision_s_exception_types(call, error, match):
+    with pytest.raises(error, match=match):
         call()
+
+
+def test_empty_inputs_behave_as_torchvision_s():
+    empty = torch.empty((0,), dtype=torch.int64)
+    # torchvision's helpers pass None for what an empty call does not read
+    assert torch.equal(ops.batched_nms(torch.empty(0), None, None, None), empty)
+    assert torch.equal(ops.batched_nms(torch.zeros(0, 4), torch.zeros(0), empty, 0.5), empty)
+    assert torch.equal(ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5), tv_nms(torch.zeros(0, 4), torch.zeros(0), 0.5))
+    x = torch.rand(2, 3, 8, 8)
+    for boxes in (torch.zeros(0, 5), [torch.zeros(0, 4), torch.zeros(0, 4)]):
+        out = ops.roi_align(x, boxes, (2, 3))
+        assert out.shape == tv_roi_align(x, boxes, (2, 3)).shape == (0, 3, 2, 3)
 
 
 def feature_maps(dtype, seed=0):
@@ -150,16 +168,34 @@ def test_roi_align_reads_channels_last_maps_with_the_same_arithmetic(dtype, alig
     torch.testing.assert_close(last, tv_roi_align(x, rois, (5, 4), 0.25, sampling_ratio, aligned), rtol=0, atol=1e-5)
 
 
-def test_roi_align_and_nms_under_autocast_work_in_float32_as_torchvision():
+LOW = [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("input_dtype, rois_dtype", [*LOW, (torch.float16, torch.float16)])
+def test_autocast_computes_in_float32_as_torchvision(input_dtype, rois_dtype):
+    """Under CPU autocast torchvision casts to float32 (float64 stays), computes, and gives RoIAlign's
+    result back in the input's dtype; with both inputs in bfloat16 detgraft computed in bfloat16."""
     x, rois = feature_maps(torch.float32), roi_boxes(torch.float32)
-    boxes, scores = random_boxes(50, 7)
+    boxes, scores = clustered_boxes(1000, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ops.roi_align(x.bfloat16(), rois, 3, 0.25, 2)
-        expected = tv_roi_align(x.bfloat16(), rois, 3, 0.25, 2)
-        kept = ops.nms(boxes, scores.bfloat16(), 0.5)
-        assert torch.equal(kept, torchvision.ops.nms(boxes, scores.bfloat16(), 0.5))
-    assert out.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        out = ops.roi_align(x.to(input_dtype), rois.to(rois_dtype), 3, 0.25, 2)
+        expected = tv_roi_align(x.to(input_dtype), rois.to(rois_dtype), 3, 0.25, 2)
+        kept = ops.nms(boxes.to(input_dtype), scores.to(rois_dtype), 0.5)
+        assert torch.equal(kept, tv_nms(boxes.to(input_dtype), scores.to(rois_dtype), 0.5))
+        # per class, as torchvision's per-class implementation (its coordinate trick, for fewer boxes,
+        # adds the class offsets in the input's dtype first: in bfloat16 that moves the boxes)
+        by_class = torch.arange(1000) % 3
+        kept = ops.batched_nms(boxes.to(input_dtype), scores.to(rois_dtype), by_class, 0.5)
+        vanilla = torchvision.ops.boxes._batched_nms_vanilla(
+            boxes.to(input_dtype), scores.to(rois_dtype), by_class, 0.5
+        )
+        assert torch.equal(kept.sort().values, vanilla.sort().values)  # the same boxes; ties in bfloat16 scores
+        assert (scores.to(rois_dtype)[kept].diff() <= 0).all()  # keep their input order here, unsorted there
+    assert out.dtype == expected.dtype == input_dtype
+    # both computed in float32 and rounded once to the input's dtype: at most one unit of its last place apart
+    torch.testing.assert_close(out.float(), expected.float(), rtol=torch.finfo(input_dtype).eps, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left as it is, as torchvision leaves it
+        assert ops.roi_align(x.double(), rois.double(), 3, 0.25, 2).dtype == torch.float64
 
 
 def test_roi_align_takes_a_list_of_boxes_and_trains():
@@ -237,3 +273,178 @@ def test_deep_copied_model_keeps_working(tiny, tiny_images):
     ops.use_rust_ops(tiny)
     clone = copy.deepcopy(tiny)
     assert_same_detections(detect(tiny, tiny_images), detect(clone, tiny_images), score_rtol=0)
+
+
+class _Pool(torch.nn.Module):
+    """torchvision's own test wrapper: RoIAlign called with a list of boxes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = torchvision.ops.RoIAlign(output_size=[3, 3], spatial_scale=1.0, sampling_ratio=-1)
+
+    def forward(self, x: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        return self.pool(x, boxes)
+
+
+def counting_core(monkeypatch) -> list[str]:
+    """Records each call into the Rust core's NMS and RoIAlign (proof that a swap took effect)."""
+    calls: list[str] = []
+    for name in ("nms", "batched_nms", "roi_align_forward", "roi_align_backward"):
+        original = getattr(_core, name)
+        monkeypatch.setattr(_core, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+def test_everywhere_swaps_every_public_name_and_puts_them_back(monkeypatch):
+    import sys
+
+    tv = torchvision.ops
+    modules = ("torchvision.ops.roi_align", "torchvision.ops.poolers", "torchvision.models.detection.roi_heads")
+    originals = (tv.nms, tv.batched_nms, tv.roi_align, tv.boxes.nms, tv.boxes.batched_nms)
+    calls = counting_core(monkeypatch)
+    boxes, scores = random_boxes(50, 1)
+    x, rois = feature_maps(torch.float32), roi_boxes(torch.float32)
+    with ops.everywhere():
+        assert (tv.nms, tv.batched_nms, tv.roi_align) == (ops.nms, ops.batched_nms, ops.roi_align)
+        assert tv.boxes.nms is ops.nms and tv.boxes.batched_nms is ops.batched_nms
+        assert all(sys.modules[m].roi_align is ops.roi_align for m in modules)
+        # a user's own calls, and torchvision's modules, reach the Rust core
+        tv.nms(boxes, scores, 0.5)
+        tv.batched_nms(boxes, scores, torch.zeros(50, dtype=torch.int64), 0.5)
+        tv.RoIAlign(3, 0.25, 2)(x, rois)
+        tv.MultiScaleRoIAlign(["0"], 3, 2)({"0": x}, [rois[:2, 1:]], [(200, 200)])
+    assert calls == ["nms", "batched_nms", "roi_align_forward", "roi_align_forward"]
+    assert (tv.nms, tv.batched_nms, tv.roi_align, tv.boxes.nms, tv.boxes.batched_nms) == originals
+    assert all(sys.modules[m].roi_align is originals[2] for m in modules)
+
+
+def test_torchscript_scripts_the_functions():
+    """torchvision's own TorchScript cases: the functions scripted alone, and RoIAlign in a module
+    with boxes as a list of tensors."""
+    boxes, scores = random_boxes(300, 4)
+    assert torch.equal(torch.jit.script(ops.nms)(boxes, scores, 0.5), tv_nms(boxes, scores, 0.5))
+    classes = torch.arange(300) % 4
+    scripted_nms = torch.jit.script(ops.batched_nms)
+    assert torch.equal(scripted_nms(boxes, scores, classes, 0.5), ops.batched_nms(boxes, scores, classes, 0.5))
+    f, r = feature_maps(torch.float32), roi_boxes(torch.float32)
+    scripted_roi_align = torch.jit.script(ops.roi_align)
+    torch.testing.assert_close(
+        scripted_roi_align(f, r, [3, 3], 0.25, 2), ops.roi_align(f, r, 3, 0.25, 2), rtol=0, atol=0
+    )
+    x = torch.rand(2, 1, 10, 10)
+    roi = torch.tensor([[0, 0, 0, 9, 9], [0, 0, 5, 4, 9], [0, 5, 5, 9, 9], [1, 0, 0, 9, 9]], dtype=torch.float).t()
+    assert scripted_roi_align(x, [roi, roi], [3, 3]).shape == (10, 1, 3, 3)
+
+
+SCRIPTED_MODEL = """
+import sys, torch
+sys.path.insert(0, "tests")
+from conftest import assert_same_detections, detect
+from detgraft import _core, ops
+from test_ops import _Pool
+from tiny_model import build, images
+
+x = torch.rand(2, 1, 10, 10)
+roi = torch.tensor([[0, 0, 0, 9, 9], [0, 0, 5, 4, 9], [0, 5, 5, 9, 9], [1, 0, 0, 9, 9]], dtype=torch.float).t()
+with ops.everywhere():
+    pool = torch.jit.script(_Pool())
+assert pool(x, [roi, roi]).shape == (10, 1, 3, 3)
+assert "detgraft::roi_align" in str(pool.inlined_graph)
+model = build().eval()
+with ops.everywhere():
+    scripted = torch.jit.script(model)
+assert "detgraft::batched_nms" in str(scripted.inlined_graph) and "detgraft::roi_align" in str(scripted.inlined_graph)
+calls = []
+for name in ("batched_nms", "roi_align_forward"):
+    setattr(_core, name, lambda *a, _f=getattr(_core, name), _n=name: calls.append(_n) or _f(*a))
+_, detections = scripted(images())
+assert {"batched_nms", "roi_align_forward"} <= set(calls), calls  # the scripted model runs the Rust core
+assert_same_detections(detect(model, images()), detections, score_rtol=1e-6)
+print("ok")
+"""
+
+
+def test_torchscript_of_a_model_calls_the_rust_operators():
+    """A detection model scripted inside ``everywhere()`` calls detgraft's operators, and detects as
+    the eager model does. In a fresh process: TorchScript keeps the code it compiled for a module
+    class, so a class scripted earlier with torchvision's ops (this suite scripts many) keeps them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, "-c", SCRIPTED_MODEL], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_fx_sees_roi_align_as_one_node():
+    with ops.everywhere():
+        traced = torch.fx.symbolic_trace(torchvision.ops.RoIAlign(5, 1.0, -1))
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets == [ops.roi_align]
+    x, rois = feature_maps(torch.float32), roi_boxes(torch.float32) / 4
+    torch.testing.assert_close(traced(x, rois), tv_roi_align(x, rois, 5, 1.0, -1), rtol=0, atol=1e-5)
+
+
+def test_torch_compile_runs_a_model_with_the_rust_ops_without_a_graph_break():
+    class Head(torch.nn.Module):  # what an R-CNN does with them: pool the boxes, score, suppress
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.pool = torchvision.ops.RoIAlign(3, 0.25, 2)
+            self.score = torch.nn.Linear(3 * 3 * channels, 1)
+
+        def forward(self, x, rois):
+            scores = self.score(self.pool(x, rois).flatten(1)).squeeze(1).sigmoid()
+            return torchvision.ops.batched_nms(rois[:, 1:], scores, rois[:, 0].long(), 0.3), scores
+
+    torch.manual_seed(0)
+    x, rois = feature_maps(torch.float32), roi_boxes(torch.float32)
+    head = Head(x.shape[1])
+    with ops.everywhere():
+        torch._dynamo.reset()
+        compiled = torch.compile(head, fullgraph=True, backend="eager")  # fullgraph: a graph break fails
+        kept, scores = compiled(x, rois)
+    expected_kept, expected_scores = head(x, rois)  # torchvision's ops, eager
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept, expected_kept)
+
+
+def test_quantized_tensors_get_what_torchvision_gives():
+    """detgraft hands quantized tensors to torchvision's kernels: the same result, or the same error."""
+    boxes, scores = random_boxes(100, 5)
+    q = lambda t: torch.quantize_per_tensor(t, scale=1.0, zero_point=0, dtype=torch.quint8)  # noqa: E731
+    x = torch.randint(50, 100, (1, 2, 10, 10)).float()
+    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 2, 2, 6, 8]], dtype=torch.float)
+    for ours, theirs, args in [
+        (ops.nms, tv_nms, (q(boxes), q(scores * 100), 0.5)),
+        (ops.roi_align, tv_roi_align, (q(x), q(rois), 5)),
+    ]:
+        try:
+            expected = theirs(*args)
+        except Exception as err:  # torchvision 0.28 has no quantized NMS kernel
+            with pytest.raises(type(err)):
+                ours(*args)
+        else:
+            assert torch.equal(ours(*args).int_repr() if expected.is_quantized else ours(*args),
+                               expected.int_repr() if expected.is_quantized else expected)  # fmt: skip
+
+
+def test_non_contiguous_and_channels_last_maps_pool_as_torchvision_s():
+    x, rois = feature_maps(torch.float64), roi_boxes(torch.float64)
+    for view in (x.permute(0, 1, 3, 2), x.contiguous(memory_format=torch.channels_last), x[:, :, ::2, ::2]):
+        out = ops.roi_align(view, rois, (3, 4), 0.25, 2, True)
+        torch.testing.assert_close(out, tv_roi_align(view, rois, (3, 4), 0.25, 2, True), rtol=0, atol=1e-10)
+
+
+def test_a_torchvision_module_first_imported_inside_everywhere_gets_torchvision_s_ops_back(monkeypatch):
+    import sys
+    import types
+
+    # as a torchvision module does on import: ``from torchvision.ops import nms`` binds the current one
+    late = types.ModuleType("torchvision.late_import_for_the_test")
+    original = torchvision.ops.nms
+    with ops.everywhere():
+        monkeypatch.setitem(sys.modules, late.__name__, late)  # imported inside the block
+        late.nms = torchvision.ops.nms
+        assert late.nms is ops.nms
+    assert late.nms is original

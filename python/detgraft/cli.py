@@ -178,8 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format",
         default="torchscript",
-        help="torchscript (torch.jit.load), onnx (onnxruntime; needs pip install onnx onnxruntime) or torchvision "
-        "(the state dict for torchvision.models.get_model(name, num_classes=N); not for branch models)",
+        help="torchscript (torch.jit.load), pt2 (torch.export.load), onnx (onnxruntime; needs pip install onnx "
+        "onnxruntime) or torchvision (the state dict for torchvision.models.get_model(name, num_classes=N); not for "
+        "branch models)",
     )
     export.add_argument("--images", help="compare the export with the model on up to 4 images of this folder")
     export.set_defaults(run=_export)
@@ -222,9 +223,11 @@ def _export(args: argparse.Namespace) -> int:
     except ExportMismatch as err:
         log.error("%s is written, but it does not give the model's detections: %s", args.out, err)
         return 1
-    how = {"onnx": "onnxruntime.InferenceSession", "torchvision": "safetensors.torch.load_file"}.get(
-        args.format, "torch.jit.load"
-    )
+    how = {
+        "onnx": "onnxruntime.InferenceSession",
+        "torchvision": "safetensors.torch.load_file",
+        "pt2": "torch.export.load",
+    }.get(args.format, "torch.jit.load")
     Console().print(
         f"{args.out}: load it with {how}. On {check['detections']} detections the largest difference from "
         f"the model is {check['max_box_difference']:.2g} px in a box and {check['max_score_difference']:.2g} in a "

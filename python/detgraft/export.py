@@ -14,6 +14,10 @@ TorchScript-based exporter, as torchvision's own ONNX tests export its detectors
 checked with onnxruntime against the model. The merge has no Python branching on the data, so the
 trace is the merge for every image.
 
+``format="pt2"``: ``torch.export`` (torch marks ``torch.jit.script`` deprecated), loadable with
+``torch.export.load`` after ``import detgraft`` (the program calls detgraft's operators): RetinaNet,
+FCOS and SSD; R-CNNs stop in torchvision's code (``benchmarks/pt2.py``).
+
 ``format="torchvision"``: the state dict alone (safetensors) for ``torchvision.models.get_model(name,
 num_classes=N)`` (the builder and N are in the checkpoint's ``detgraft.json``), for the strategies
 that leave one torchvision predictor; a ``branch`` model is refused with what would change.
@@ -28,11 +32,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import traceback
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import ops
 from .extras import need
 from .model.builders import build_architecture
 from .model.card import get_card
@@ -42,7 +48,7 @@ __all__ = ["FORMATS", "ExportMismatch", "export"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx", "torchvision")
+FORMATS = ("torchscript", "onnx", "torchvision", "pt2")
 ONNX_OPSET = 17
 
 
@@ -70,6 +76,8 @@ def export(model: nn.Module, out: str | Path, format: str = "torchscript", image
         exported = _onnx(model, out, images, list(eager[0]))
     elif format == "torchvision":
         exported = _torchvision(model, out, images)
+    elif format == "pt2":
+        exported = _pt2(model, out, images)
     else:
         torch.jit.script(model).save(str(out))
         scripted = torch.jit.load(str(out))
@@ -104,6 +112,39 @@ def _torchvision(model: nn.Module, out: Path, images: list[torch.Tensor]) -> lis
     rebuilt.to(next(model.parameters()).device).eval()
     with torch.no_grad():
         return [rebuilt([image])[0] for image in images]
+
+
+def _pt2(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]:
+    """Writes ``model`` with ``torch.export`` (non-strict, traced on the first of ``images``) to a
+    ``.pt2`` file for ``torch.export.load(out).module()``; returns the loaded program's detections on
+    each of ``images`` of the first one's size. The program takes images of that size only:
+    torchvision's transform computes the resized size in Python arithmetic, which torch.export
+    specializes to the traced image. Traced with detgraft's operators
+    (``ops.everywhere()``): torchvision's ``batched_nms`` branches in Python on the number of boxes,
+    which torch.export cannot trace, and detgraft's does not, so RetinaNet, FCOS and SSD export; the
+    program calls ``torch.ops.detgraft.*``, so ``import detgraft`` before loading it. An R-CNN stops
+    in torchvision's own code (``benchmarks/pt2.py``): the error says where."""
+    try:
+        with torch.no_grad(), ops.everywhere():
+            program = torch.export.export(model, ([images[0]],), strict=False)
+    except Exception as err:  # torch.export's errors are long; say where it stopped and what works instead
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torchvision/" in f.filename]
+        frames += [f for f in traceback.extract_tb(err.__traceback__) if "/detgraft/heads/" in f.filename]
+        where = ""
+        if frames:
+            name = frames[-1].filename
+            file = name[name.rindex("/torchvision/" if "/torchvision/" in name else "/detgraft/") + 1 :]
+            where = f" at {file}:{frames[-1].lineno} ({frames[-1].line})"
+        raise ValueError(
+            f"torch.export could not trace this {type(model).__name__}{where}: "
+            f"{str(err).strip().splitlines()[0][:200]}. The model branches in Python on a value computed from the "
+            "image there, which torch.export cannot trace (torchvision's R-CNNs do; benchmarks/RESULTS.md, section "
+            "pt2); export with --format torchscript or onnx, which run the same detections without detgraft"
+        ) from None
+    torch.export.save(program, str(out))
+    loaded = torch.export.load(str(out)).module()
+    with torch.no_grad():
+        return [loaded([image])[0] if image.shape == images[0].shape else None for image in images]
 
 
 def _onnx(model: nn.Module, out: Path, images: list[torch.Tensor], names: list[str]) -> list[dict]:
@@ -157,9 +198,11 @@ def _compare(eager: list[dict], exported: list[dict]) -> dict:
     """The largest box and score difference between each of the model's detections and the
     exported one paired with it (same label, nearest box and score: detections whose scores differ
     by float rounding may swap places), and their count. A different number of detections or
-    labels is an error."""
+    labels is an error. An image the export does not take (``None``: pt2's other sizes) is skipped."""
     box, score, mask, count = 0.0, 0.0, 0.0, 0
     for image, (a, b) in enumerate(zip(eager, exported)):
+        if b is None:
+            continue
         if len(a["boxes"]) != len(b["boxes"]) or sorted(a["labels"].tolist()) != sorted(b["labels"].tolist()):
             raise ExportMismatch(
                 f"image {image}: the exported model detects {len(b['boxes'])} objects, the model {len(a['boxes'])} "
