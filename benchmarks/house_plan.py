@@ -1,10 +1,12 @@
 """The restructure (issue 27) changes no number: the same seeded runs give the same weights and
 detections, bit for bit, before and after, and a checkpoint saved before loads and detects the same.
 
-    # before: the last commit before the restructure, in a worktree of its own
-    git worktree add /tmp/before 249dcd4
-    cp python/detgraft/_core*.so python/detgraft/_built_for.py /tmp/before/python/detgraft/
-    (cd /tmp/before && PYTHONPATH=python python benchmarks/house_plan.py --stage before --runs $RUNS)
+    # before: the last commit before the restructure, in a worktree beside this checkout (its
+    # benchmarks find ../shared/bench from there; this run used /tmp/before and a link /tmp/shared)
+    git worktree add ../before 249dcd4
+    cp python/detgraft/_core*.so python/detgraft/_built_for.py ../before/python/detgraft/
+    cp benchmarks/house_plan.py ../before/benchmarks/
+    (cd ../before && PYTHONPATH=python python benchmarks/house_plan.py --stage before --runs $RUNS)
     # after: this checkout; compares with the record of the stage before and writes the section
     python benchmarks/house_plan.py --stage after --runs $RUNS
 
