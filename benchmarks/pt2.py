@@ -14,11 +14,9 @@ value computed from the image: torch.export cannot trace a data-dependent branch
 from __future__ import annotations
 
 import json
-import re
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
-from detgraft.export import export  # noqa: E402
+from detgraft.export import ExportBlocked, export, stopped_at  # noqa: E402
 
 HERE = Path(__file__).parent
 SMALL = {"weights": None, "weights_backbone": None, "num_classes": 5, "min_size": 128, "max_size": 128}
@@ -51,17 +49,10 @@ def attempt(model, image, rust_ops: bool, out: Path) -> dict:
             torch.export.export(model, ([image],), strict=False)
             check = None
     except Exception as err:  # what stops it, and where in torchvision's (or detgraft's) code
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torchvision/" in f.filename]
-        where = frames[-1] if frames else None
-        at = re.search(r" at (\S+:\d+ \(.*?\)):", str(err))  # detgraft export's message names it
         return {
             "exported": False,
             "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}",
-            "at": at.group(1)
-            if at
-            else f"{where.filename.split('site-packages/')[-1]}:{where.lineno} ({where.line})"
-            if where
-            else None,
+            "at": err.at if isinstance(err, ExportBlocked) else stopped_at(err),
         }
     return {"exported": True, "seconds": round(time.perf_counter() - start, 1), "check": check}
 

@@ -44,7 +44,7 @@ from .model.builders import build_architecture
 from .model.card import get_card
 from .model.families import family
 
-__all__ = ["FORMATS", "ExportMismatch", "export"]
+__all__ = ["FORMATS", "ExportBlocked", "ExportMismatch", "export", "stopped_at"]
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +128,13 @@ def _pt2(model: nn.Module, out: Path, images: list[torch.Tensor]) -> list[dict]:
         with torch.no_grad(), ops.everywhere():
             program = torch.export.export(model, ([images[0]],), strict=False)
     except Exception as err:  # torch.export's errors are long; say where it stopped and what works instead
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torchvision/" in f.filename]
-        frames += [f for f in traceback.extract_tb(err.__traceback__) if "/detgraft/heads/" in f.filename]
-        where = ""
-        if frames:
-            name = frames[-1].filename
-            file = name[name.rindex("/torchvision/" if "/torchvision/" in name else "/detgraft/") + 1 :]
-            where = f" at {file}:{frames[-1].lineno} ({frames[-1].line})"
-        raise ValueError(
-            f"torch.export could not trace this {type(model).__name__}{where}: "
+        at = stopped_at(err)
+        raise ExportBlocked(
+            f"torch.export could not trace this {type(model).__name__}{f' at {at}' if at else ''}: "
             f"{str(err).strip().splitlines()[0][:200]}. The model branches in Python on a value computed from the "
             "image there, which torch.export cannot trace (torchvision's R-CNNs do; benchmarks/RESULTS.md, section "
-            "pt2); export with --format torchscript or onnx, which run the same detections without detgraft"
+            "pt2); export with --format torchscript or onnx, which run the same detections without detgraft",
+            at,
         ) from None
     torch.export.save(program, str(out))
     loaded = torch.export.load(str(out)).module()
@@ -225,3 +220,23 @@ def _compare(eager: list[dict], exported: list[dict]) -> dict:
 
 class ExportMismatch(RuntimeError):
     """The exported model's detections are not the model's."""
+
+
+class ExportBlocked(ValueError):
+    """torch.export stopped in the model's code; ``at`` says where (``stopped_at``)."""
+
+    def __init__(self, message: str, at: str | None) -> None:
+        super().__init__(message)
+        self.at = at
+
+
+def stopped_at(err: BaseException) -> str | None:
+    """Where a trace that raised ``err`` stopped, as ``file:line (code)``: the innermost line of
+    detgraft's heads in its traceback, else of torchvision's (None when neither is in it)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    for package in ("detgraft/heads/", "torchvision/"):  # the path from the package's folder on
+        found = [f for f in frames if f"/{package}" in f.filename]
+        if found:
+            file = found[-1].filename
+            return f"{file[file.rindex(package) :]}:{found[-1].lineno} ({found[-1].line})"
+    return None

@@ -41,25 +41,29 @@ __all__ = ["nms", "batched_nms", "roi_align", "use_rust_ops", "restore", "rust_o
 # -- the operators: torch.ops.detgraft.* ---------------------------------------------------------
 
 
-def _torch_error(op: str, err: ValueError) -> RuntimeError:
-    """A bad input as torchvision's kernels report it (``RuntimeError``), with detgraft's message."""
-    return RuntimeError(f"{op}: {err}")
+def _as_torchvision_reports(op: str, kernel, *args) -> Tensor:
+    """``kernel(*args)``, a bad input raised as torchvision's kernels raise it (``RuntimeError``),
+    with detgraft's message."""
+    try:
+        return kernel(*args)
+    except ValueError as err:
+        raise RuntimeError(f"{op}: {err}") from None
 
 
+# the operators' kernels; an eager call with nothing for the dispatcher to add runs them directly
+# (``_plain``), and TorchScript, which calls the operators, skips them
+@torch.jit.unused
 def _nms_kernel(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    try:
-        return _core.nms(boxes, scores, iou_threshold)
-    except ValueError as err:
-        raise _torch_error("detgraft::nms", err) from None
+    return _as_torchvision_reports("detgraft::nms", _core.nms, boxes, scores, float(iou_threshold))
 
 
+@torch.jit.unused
 def _batched_nms_kernel(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    try:
-        return _core.batched_nms(boxes, scores, idxs, iou_threshold)
-    except ValueError as err:
-        raise _torch_error("detgraft::batched_nms", err) from None
+    args = (boxes, scores, idxs, float(iou_threshold))
+    return _as_torchvision_reports("detgraft::batched_nms", _core.batched_nms, *args)
 
 
+@torch.jit.unused
 def _roi_align_kernel(
     input: Tensor,
     rois: Tensor,
@@ -69,11 +73,8 @@ def _roi_align_kernel(
     sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
-    try:
-        return _core.roi_align_forward(input.contiguous(), rois.contiguous(), *params)
-    except ValueError as err:
-        raise _torch_error("detgraft::roi_align", err) from None
+    args = (input.contiguous(), rois.contiguous(), float(spatial_scale), pooled_height, pooled_width)
+    return _as_torchvision_reports("detgraft::roi_align", _core.roi_align_forward, *args, sampling_ratio, aligned)
 
 
 _nms = torch.library.custom_op("detgraft::nms", _nms_kernel, mutates_args=())
@@ -201,23 +202,6 @@ def _plain(t: Tensor, needs_grad: bool) -> bool:
     )
 
 
-@torch.jit.unused
-def _plain_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    return _nms_kernel(boxes, scores, float(iou_threshold))
-
-
-@torch.jit.unused
-def _plain_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    return _batched_nms_kernel(boxes, scores, idxs, float(iou_threshold))
-
-
-@torch.jit.unused
-def _plain_roi_align(
-    input: Tensor, rois: Tensor, spatial_scale: float, height: int, width: int, sampling_ratio: int, aligned: bool
-) -> Tensor:
-    return _roi_align_kernel(input, rois, float(spatial_scale), height, width, sampling_ratio, aligned)
-
-
 # quantized tensors go to torchvision's own functions (its int kernels, qnms and qroi_align)
 _torchvision_nms = torchvision.ops.boxes.nms
 _torchvision_batched_nms = torchvision.ops.boxes.batched_nms
@@ -237,7 +221,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.is_quantized:
         return _torchvision_nms(boxes, scores, iou_threshold)
     if not torch.jit.is_scripting() and _plain(boxes, False):
-        return _plain_nms(boxes, scores, iou_threshold)
+        return _nms_kernel(boxes, scores, iou_threshold)
     return torch.ops.detgraft.nms(boxes, scores, iou_threshold)
 
 
@@ -246,12 +230,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     as ``torchvision.ops.batched_nms`` (empty boxes: an empty result, whatever the other arguments)."""
     if not torch.jit.is_scripting() and scores is None and boxes.numel() == 0:
         # torchvision's helpers call it so on empty boxes; the operator itself takes empty boxes, with no
-        # branch on the data here (torch.export: torchvision's own branch stops it, ``benchmarks/export.py``)
+        # branch on the data here (torch.export: torchvision's own branch stops it, ``benchmarks/pt2.py``)
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if boxes.is_quantized:
         return _torchvision_batched_nms(boxes, scores, idxs, iou_threshold)
     if not torch.jit.is_scripting() and _plain(boxes, False):
-        return _plain_batched_nms(boxes, scores, idxs, iou_threshold)
+        return _batched_nms_kernel(boxes, scores, idxs, iou_threshold)
     return torch.ops.detgraft.batched_nms(boxes, scores, idxs, iou_threshold)
 
 
@@ -287,7 +271,7 @@ def roi_align(
     if input.is_quantized:
         return _torchvision_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
     if not torch.jit.is_scripting() and _plain(input, needs_grad=input.requires_grad):
-        return _plain_roi_align(input, rois, spatial_scale, height, width, sampling_ratio, aligned)
+        return _roi_align_kernel(input, rois, spatial_scale, height, width, sampling_ratio, aligned)
     return torch.ops.detgraft.roi_align(input, rois, spatial_scale, height, width, sampling_ratio, aligned)
 
 
