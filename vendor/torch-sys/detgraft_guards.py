@@ -71,7 +71,8 @@ def guard(source: str) -> str:
             body = re.search(r"  PROTECT\(\n(?:.*\n)*?  \)\n", function).group(0)
             call = re.search(r"torch::(\w+)\(|->(\w+)\(", body)
             what = next(g for g in call.groups() if g) if call else name
-            raising = function.replace(body, f'  PROTECT(\n    throw std::runtime_error("torch::{what} {says}");\n  )\n')
+            throw = f'    throw std::runtime_error("torch::{what} {says}");\n'
+            raising = function.replace(body, f"  PROTECT(\n{throw}  )\n")
             source = source.replace(function, f"\n#if {condition}{raising[:-1]}\n#else{function[:-1]}\n#endif\n", 1)
     return source
 
