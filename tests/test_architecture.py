@@ -18,7 +18,7 @@ LAYERS = [
     {"model"},
     {"strategies", "evaluation"},
     {"settings"},
-    {"train"},
+    {"train", "kept"},
     {"extend", "export", "demo_model", "demo"},
     {"cli", "__main__", "__init__"},
     {"evaluate", "training_data", "report"},  # detgraft 0.1's import paths the README and notebook showed

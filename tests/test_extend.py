@@ -64,22 +64,22 @@ def test_extend_runs_detgraft_ops_on_the_cpu_and_gives_torchvision_s_back(train,
 
 
 @pytest.mark.parametrize("strategy", ["naive", "branch"])
-def test_ctrl_c_leaves_a_usable_checkpoint_and_resume_continues_exactly(train, tmp_path, strategy):
+def test_ctrl_c_leaves_a_usable_checkpoint_and_resume_continues_exactly(train, tmp_path, strategy, monkeypatch):
     whole = extend(base_model(), train, settings(strategy=strategy), out=tmp_path / "whole")
 
-    model = base_model()
     calls = []
+    sgd_step = torch.optim.SGD.step
 
-    def press_ctrl_c(module, args):
-        if module.training:
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGINT)  # arrives during step 2 (index 1)
+    def press_ctrl_c(optimizer, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during step 2 (index 1)
+        return sgd_step(optimizer, *args, **kwargs)
 
-    hook = model.register_forward_pre_hook(press_ctrl_c)
-    with pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
-        extend(model, train, settings(strategy=strategy), out=tmp_path / "cut")
-    hook.remove()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", press_ctrl_c)
+        with pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
+            extend(base_model(), train, settings(strategy=strategy), out=tmp_path / "cut")
     last = detgraft.load_checkpoint(tmp_path / "cut" / "last")  # usable as it is
     assert detgraft.get_card(last).classes[6:] == ["chicken", "frog"]
     assert torch.load(tmp_path / "cut" / "last" / "train_state.pt", weights_only=True)["step"] == 2

@@ -27,6 +27,7 @@ from .data.images import image_size, load_image
 from .evaluation.metrics import compare, detect, evaluate, label_to_category
 from .evaluation.report import write_evaluation
 from .extras import need
+from .kept import keep_frozen
 from .model.card import UNUSED, get_card
 from .model.checkpoint import save_checkpoint
 from .model.surgery import expand_predictor
@@ -203,19 +204,27 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
         log.info("resuming at step %d of %d", step, settings.steps)
 
     writer = _tensorboard(tensorboard) if tensorboard and rank == 0 else None
-    losses, curve = train_loop(model, data, settings, optimizer, scheduler, step, out, scaler, writer)
+    # what the frozen base computes for each training example, computed once (detgraft.kept; None: in every step)
+    began = {"frozen_pass": time.perf_counter()}  # when each phase began (extend.json: their seconds)
+    store = keep_frozen(model, data, settings, step, part=(rank, processes))
+    began["steps"] = time.perf_counter()
+    losses, curve = train_loop(model, data, settings, optimizer, scheduler, step, out, scaler, writer, store)
+    began["calibrate"] = time.perf_counter()
     model.eval()
     if rank > 0:  # rank 0 calibrates, saves and evaluates
         return model
     arbitration = None
     if settings.strategy == "branch":
         mirrored = settings.hflip and len(data) < MIRRORED_BELOW
+        flips = (False, True) if mirrored else (False,)
         arbitration = calibrate(
             model,
             (data.example(i) for i in range(len(data))),
             mirrored=mirrored,
             old_images=(load_image(p).float().div(255) for p in old_images or ()),
+            kept=[store.kept.get((i, f, None)) for i in range(len(data)) for f in flips] if store else (),
         )
+        del store
         classes = get_card(model).classes
         taken_for = ", ".join(f"{classes[int(label)]!r} {n}" for label, n in arbitration["false_alarm_labels"].items())
         log.info(
@@ -224,7 +233,10 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
             "/".join(names),
             taken_for or "nothing",
         )
+    began["checkpoint"] = time.perf_counter()
     save_checkpoint(model, out)
+    began["end"] = time.perf_counter()
+    phases = {a: round(began[b] - began[a], 1) for a, b in zip(began, list(began)[1:])}
     seconds = time.perf_counter() - start
     peak = peak_memory_mb()
     (out / "extend.json").write_text(
@@ -237,6 +249,7 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
                 "loss_curve": {"from_step": step, "loss": curve},
                 "processes": processes,
                 "arbitration": arbitration,
+                "phases": phases,
             },
             indent=1,
         )

@@ -13,11 +13,12 @@ from .model.families import Family
 from .model.surgery import INITS
 from .strategies import STRATEGIES
 
-__all__ = ["AMP", "EXISTING", "ExtendSettings", "auto_lr", "auto_steps"]
+__all__ = ["AMP", "EXISTING", "FROZEN_DTYPES", "ExtendSettings", "auto_lr", "auto_steps"]
 
 AUTO_EPOCHS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 8, 150, 500
 EXISTING = ("error", "train", "ignore")
 AMP = ("auto", "bf16", "fp16", "off")
+FROZEN_DTYPES = ("auto", "float32", "float16")
 
 
 def _flag(help: str, **kw: Any) -> Any:
@@ -60,6 +61,17 @@ class ExtendSettings:
         "also photometric distortion, zoom out and IoU crops (torchvision.transforms.v2, seeded per example)",
         default=False,
     )
+    frozen_memory: float = _flag(
+        "branch: GB of memory for what the frozen base computes for each training image (feature maps, proposals, "
+        "the teacher's detections), computed once before training instead of in every step; images beyond it are "
+        "computed in each step (0: every image in every step, as torchvision's loop does)",
+        default=8.0,
+    )
+    frozen_dtype: str = _flag(
+        "branch: the dtype those feature maps are kept in: auto (as computed when all of them fit in --frozen-memory, "
+        "else float16), float32 (as computed) or float16",
+        default="auto",
+    )
     workers: int = _flag("processes decoding the next batches while the model trains (0: in the loop)", default=1)
     seed: int = _flag("seed of batches, flips and samplers", default=0)
     checkpoint_every: int = _flag("write OUT/last every this many steps", default=100)
@@ -84,6 +96,10 @@ class ExtendSettings:
             raise ValueError(f"existing {self.existing!r} is unknown: choose one of {', '.join(EXISTING)}")
         if self.init not in INITS:
             raise ValueError(f"init {self.init!r} is unknown: choose one of {', '.join(INITS)}")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype {self.frozen_dtype!r} is unknown: choose one of {', '.join(FROZEN_DTYPES)}")
+        if not self.frozen_memory >= 0:
+            raise ValueError(f"frozen_memory must be 0 or more (GB); got {self.frozen_memory}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more; got {self.workers}")
         for name in ("steps", "batch_size", "checkpoint_every"):

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import distributed
 from .data.batches import training_batches
+from .kept import KeptStep, keep_frozen
 from .model.checkpoint import save_checkpoint, sha256_file
 from .model.families import family
 from .progress import progress
@@ -81,17 +82,18 @@ def make_scaler(settings: ExtendSettings) -> torch.amp.GradScaler:
 
 
 def train_loop(
-    model, data, settings, optimizer, scheduler, step, out, scaler=None, writer=None
+    model, data, settings, optimizer, scheduler, step, out, scaler=None, writer=None, store="auto"
 ) -> tuple[dict[str, float], list[float]]:
     """Trains from ``step`` to ``settings.steps`` (forward and loss in ``settings.amp`` precision,
     the loss scaled by ``scaler`` for fp16); returns the last step's losses and every step's total
-    loss (the mean over the processes under torchrun). ``writer``: a TensorBoard SummaryWriter."""
+    loss (the mean over the processes under torchrun). ``writer``: a TensorBoard SummaryWriter.
+    ``store``: what the frozen base computed for the run's examples (``detgraft.kept``; "auto":
+    ``keep_frozen`` decides and computes it here; None: every step computes the whole model)."""
     model.train()
     scaler = scaler or make_scaler(settings)
     device_type = torch.device(settings.device).type
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
     rank, processes = distributed.world()
-    trained = distributed.wrap(model)
     parts: dict[str, float] = {}
     curve: list[float] = []
     columns = (
@@ -102,16 +104,27 @@ def train_loop(
         TimeRemainingColumn(),
         TextColumn("{task.fields[losses]}"),
     )
+    if store == "auto":
+        store = keep_frozen(model, data, settings, step, part=(rank, processes))
+    if store is not None:  # steps read what the frozen base computed once per example (detgraft.kept)
+        args = (settings.batch_size, settings.seed, settings.hflip, settings.jitter, (rank, processes))
+        batches = ((data.batch_keys(s, *args),) for s in range(step, settings.steps))
+        trained = distributed.wrap(KeptStep(model, store))
+    else:
+        batches = iter(training_batches(data, step, settings.steps, settings, part=(rank, processes)))
+        trained = distributed.wrap(model)
     tick = time.perf_counter()
     with progress(*columns, transient=False, disable=rank > 0) as bar, _StopRequest() as stop:
         task = bar.add_task(settings.strategy, total=settings.steps, completed=step, losses="", rate="")
-        batches = iter(training_batches(data, step, settings.steps, settings, part=(rank, processes)))
         while step < settings.steps:
-            images, targets = next(batches)
-            images = [im.to(settings.device) for im in images]
-            targets = [{k: v.to(settings.device) for k, v in t.items()} for t in targets]
+            inputs = next(batches)
+            if store is None:
+                images, targets = inputs
+                images = [im.to(settings.device) for im in images]
+                targets = [{k: v.to(settings.device) for k, v in t.items()} for t in targets]
+                inputs = (images, targets)
             with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-                loss_dict = trained(images, targets)
+                loss_dict = trained(*inputs)
             loss = sum(v.float() for v in loss_dict.values())
             reported = distributed.mean(torch.stack([v.detach() for v in loss_dict.values()]))
             parts = dict(zip(loss_dict, reported.tolist()))

@@ -83,19 +83,27 @@ class TrainingSet:
     def batch(
         self, step: int, size: int, seed: int, hflip: bool, jitter: bool = False, part: tuple[int, int] = (0, 1)
     ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        """The ``step``-th batch of a seeded run: epochs are permutations seeded by (seed, epoch).
-        With ``part`` (rank, processes): only the examples k of the batch with k mod processes == rank."""
+        """The ``step``-th batch of a seeded run (``batch_keys``): images and targets."""
+        picks = [self.example(*key) for key in self.batch_keys(step, size, seed, hflip, jitter, part)]
+        return [p[0] for p in picks], [p[1] for p in picks]
+
+    def batch_keys(
+        self, step: int, size: int, seed: int, hflip: bool, jitter: bool = False, part: tuple[int, int] = (0, 1)
+    ) -> list[tuple[int, bool, int | None]]:
+        """The examples of the ``step``-th batch of a seeded run, as ``example``'s arguments
+        (index, flip, jitter seed): epochs are permutations seeded by (seed, epoch). With ``part``
+        (rank, processes): only the examples k of the batch with k mod processes == rank."""
         n = len(self.items)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         flips = (torch.rand(size, generator=g) < 0.5).tolist() if hflip else [False] * size
-        picks = []
+        keys = []
         for k, position in enumerate(range(step * size, (step + 1) * size)):
             if k % part[1] != part[0]:
                 continue
             epoch, index = divmod(position, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            picks.append(self.example(int(order[index]), flips[k], seed * 1_000_003 + position if jitter else None))
-        return [p[0] for p in picks], [p[1] for p in picks]
+            keys.append((int(order[index]), flips[k], seed * 1_000_003 + position if jitter else None))
+        return keys
 
 
 def jittered(image: Tensor, target: dict[str, Tensor], seed: int) -> tuple[Tensor, dict[str, Tensor]]:

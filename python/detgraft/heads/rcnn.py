@@ -28,6 +28,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 
+from .frozen import Kept, batched
 from .merge import KEEPER_SCORE, Arbitrated, BranchState, add_arbitration_state, memory_lengths, merge, resize_memories
 from .teacher import add_teacher_boxes
 
@@ -39,6 +40,9 @@ __all__ = [
     "branch_layout",
     "branches",
     "calibration_pass",
+    "frozen_pass",
+    "kept_losses",
+    "kept_size_draws",
     "restore_branches",
 ]
 
@@ -113,7 +117,9 @@ class BranchRoIHeads(RoIHeads):
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:
-            return self._training_forward(features, proposals, image_shapes, targets)
+            return self._training_forward(
+                features, proposals, image_shapes, targets, None
+            )  # (TorchScript: all of them)
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         per_source = self._per_source(pooled, proposals, image_shapes, len(self.branches))
         states: list[BranchState] = []
@@ -163,9 +169,11 @@ class BranchRoIHeads(RoIHeads):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None,
+        taught: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """The newest branch's losses (torchvision's ``loss_classifier`` / ``loss_box_reg``, and
-        ``loss_mask`` in a Mask R-CNN), its ``others`` output taught by the model before it."""
+        ``loss_mask`` in a Mask R-CNN), its ``others`` output taught by the model before it (its
+        detections ``taught``, computed here when not given)."""
         if targets is None:
             raise ValueError("training a branch needs targets")
         branch = self.branches[-1]
@@ -173,10 +181,8 @@ class BranchRoIHeads(RoIHeads):
         if self.has_mask():  # torchvision's checks want masks; boxes without one have none (detgraft.heads.masks)
             targets = [t if "masks" in t else {**t, "masks": t["boxes"].new_zeros(0, 1, 1)} for t in targets]
         if branch.others:
-            with torch.no_grad():
-                # the RPN sorts proposals by objectness: the top ones are those the base sees at inference
-                top = [p[: self.teacher_proposals] for p in proposals]
-                taught = self._teacher_detections(features, top, image_shapes, branch, self.ignore)
+            if taught is None:
+                taught = self._teacher(features, proposals, image_shapes)
             others = branch.num_classes
             targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
         proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -187,6 +193,15 @@ class BranchRoIHeads(RoIHeads):
         if branch.mask_predictor is not None:
             losses["loss_mask"] = self._branch_mask_loss(features, proposals, matched, labels, targets, image_shapes)
         return [], losses
+
+    @torch.no_grad()
+    def _teacher(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """The teacher of the newest branch's ``others`` output on the training proposals: the
+        RPN sorts them by objectness, so the top ones are those the base sees at inference."""
+        top = [p[: self.teacher_proposals] for p in proposals]
+        return self._teacher_detections(features, top, image_shapes, self.branches[-1], self.ignore)
 
     def _branch_mask_loss(self, features, proposals, matched, labels, targets, image_shapes) -> Tensor:
         """torchvision's mask loss of the newest branch's mask predictor on the base's mask head
@@ -388,16 +403,108 @@ def restore_branches(model: nn.Module, layout: dict) -> None:
     model.roi_heads.old_num_classes = layout.get("old_num_classes", layout.get("base_width"))
 
 
-def calibration_pass(model: nn.Module, image_list: ImageList, branch: Branch):
+def calibration_pass(
+    model: nn.Module, image_list: ImageList, branch: Branch, features: OrderedDict[str, Tensor] | None = None
+):
     """What ``detgraft.calibrate`` reads of an R-CNN on transformed images: the model's detections
-    before ``branch`` scoring >= ``KEEPER_SCORE``, and a function giving the base features at boxes."""
+    before ``branch`` scoring >= ``KEEPER_SCORE``, and a function giving the base features at boxes.
+    ``features``: the backbone's feature maps of those images when they were kept (``frozen_pass``)."""
     heads = model.roi_heads
-    features = model.backbone(image_list.tensors)
+    if features is None:
+        features = model.backbone(image_list.tensors)
     if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
         features = OrderedDict([("0", features)])
     proposals, _ = model.rpn(image_list, features)
     before = heads._teacher_detections(features, proposals, image_list.image_sizes, branch, KEEPER_SCORE)
     return before, lambda boxes: heads.base_features(features, boxes, image_list.image_sizes)
+
+
+@torch.no_grad()
+def frozen_pass(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Kept]:
+    """What a training step of the newest branch computes with the frozen base, for each example
+    (``image`` and ``target`` as the training loop gives them), computed as the step computes it
+    but one image at a time: the transform (training mode), the backbone's feature maps (those the
+    RPN and the RoI heads read), the RPN's training proposals, how many anchors its sampler drew from, and the
+    teacher's detections. The global RNG is left as it was: ``kept_losses`` replays the step's draws.
+    Call it with the model in training mode, its BatchNorm layers in eval mode (as the ``branch``
+    strategy keeps them)."""
+    heads, rpn = model.roi_heads, model.rpn
+    device = images[0].device
+    kept = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for image, target in zip(images, targets):
+            image_list, (target,) = model.transform([image], [target])
+            features = model.backbone(image_list.tensors)
+            if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
+                features = OrderedDict([("0", features)])
+            counting = _CountingSampler(rpn.fg_bg_sampler)
+            rpn.fg_bg_sampler = counting
+            try:
+                proposals, _ = rpn(image_list, features, [target])
+            finally:
+                rpn.fg_bg_sampler = counting.sampler
+            taught = heads._teacher(features, proposals, image_list.image_sizes) if heads.branches[-1].others else None
+            maps = OrderedDict((k, v[0]) for k, v in features.items())
+            extra = {"proposals": proposals[0], "sampled": counting.counts[0], "taught": taught and taught[0]}
+            kept.append(Kept(maps, image_list.image_sizes[0], target, extra, next(iter(maps.values())).dtype))
+    return kept
+
+
+def kept_losses(model: nn.Module, kept: list[Kept]) -> dict[str, Tensor]:
+    """The losses of a training step (``model(images, targets)`` in training mode) on examples
+    whose frozen part ``frozen_pass`` computed: the step's random draws before the RoI heads are
+    replayed (the transform's size choice per image, the RPN sampler's permutations), so the RoI
+    sampler draws what it draws in the step; then the RoI heads run on the kept feature maps,
+    proposals and teacher detections."""
+    _replay_draws(model, kept)
+    taught = [k.extra["taught"] for k in kept]
+    _, losses = model.roi_heads._training_forward(
+        batched(kept),
+        [k.extra["proposals"] for k in kept],
+        [k.image_size for k in kept],
+        [k.target for k in kept],
+        taught=None if taught[0] is None else taught,
+    )
+    return losses
+
+
+def _replay_draws(model: nn.Module, kept: list[Kept]) -> None:
+    """The random draws of a training step before its RoI heads, made again: the same calls on
+    inputs of the same sizes."""
+    transform = model.transform
+    for _ in kept:  # GeneralizedRCNNTransform.resize draws a size per image in training mode
+        if not getattr(transform, "_skip_resize", False):
+            transform.torch_choice(transform.min_size)
+    device = kept[0].extra["proposals"].device
+    # the RPN's sampler draws a permutation of each image's positive and of its negative anchors
+    model.rpn.fg_bg_sampler(
+        [
+            torch.cat([torch.ones(p, device=device), torch.zeros(n, device=device)])
+            for p, n in (k.extra["sampled"] for k in kept)
+        ]
+    )
+
+
+def kept_size_draws(model: nn.Module) -> str | None:
+    """Why ``frozen_pass`` cannot stand for the step on this model (None: it can): a transform that
+    draws each image's size from several (multi-scale training) resizes an image differently in
+    each step."""
+    sizes = model.transform.min_size
+    if len(sizes) > 1 and not getattr(model.transform, "_skip_resize", False):
+        return f"the transform draws each image's size from {list(sizes)}"
+    return None
+
+
+class _CountingSampler:
+    """The RPN's ``fg_bg_sampler``, counting the positive and negative anchors of each image it
+    draws from (a permutation of each: what ``kept_losses`` replays)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.counts = sampler, []
+
+    def __call__(self, matched: list[Tensor]):
+        self.counts += [(int((m >= 1).sum()), int((m == 0).sum())) for m in matched]
+        return self.sampler(matched)
 
 
 def _branch_targets(target: dict[str, Tensor], branch: Branch) -> dict[str, Tensor]:

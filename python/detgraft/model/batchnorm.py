@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["BatchNormFrozen", "freeze_batchnorm"]
+__all__ = ["BatchNormFrozen", "batchnorm_in_eval_mode", "freeze_batchnorm"]
 
 
 class BatchNormFrozen(FrozenBatchNorm2d):
@@ -43,3 +43,11 @@ def freeze_batchnorm(model: nn.Module) -> int:
         setattr(model.get_submodule(parent), child, frozen)
         replaced += 1
     return replaced
+
+
+def batchnorm_in_eval_mode(model: nn.Module, *_hook_args) -> None:
+    """Puts every BatchNorm layer of ``model`` in eval mode (the ``branch`` strategy keeps the
+    base's statistics as they are while the rest trains; also a forward pre-hook)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            m.eval()

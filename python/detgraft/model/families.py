@@ -80,13 +80,19 @@ class BranchKit:
     """A family's ``branch`` strategy (``detgraft.heads``): ``add(model, labels, merge_iou, others=,
     keep=, ignore=)`` adds a branch; ``branches(model)`` the model's branches (None before the
     first); ``layout`` / ``restore`` save and rebuild them with a checkpoint; ``calibration_pass(model,
-    image_list, branch)`` is what ``detgraft.calibrate`` reads."""
+    image_list, branch)`` is what ``detgraft.calibrate`` reads. ``frozen_pass(model, images, targets)``
+    computes once what a training step computes with the frozen base, ``kept_losses(model, kept)``
+    the step's losses from it, and ``kept_unfit(model)`` says why they cannot stand for the step
+    (None: they can); without them (None) every step computes the base again."""
 
     add: Callable[..., nn.Module]
     branches: Callable[[nn.Module], nn.ModuleList | None]
     layout: Callable[[nn.Module], dict | None]
     restore: Callable[[nn.Module, dict], None]
     calibration_pass: Callable
+    frozen_pass: Callable | None = None
+    kept_losses: Callable | None = None
+    kept_unfit: Callable[[nn.Module], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,9 @@ RCNN_BRANCH = BranchKit(
     layout=rcnn.branch_layout,
     restore=rcnn.restore_branches,
     calibration_pass=rcnn.calibration_pass,
+    frozen_pass=rcnn.frozen_pass,
+    kept_losses=rcnn.kept_losses,
+    kept_unfit=rcnn.kept_size_draws,
 )
 
 

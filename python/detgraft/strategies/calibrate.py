@@ -11,13 +11,14 @@ one prototype per new class and alpha; ``detgraft.heads.merge`` says how the mer
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from ..heads.frozen import Kept, batched
 from ..heads.merge import KEEPER_SCORE, nearest, set_arbitration
 from ..model.families import family
 
@@ -42,6 +43,7 @@ def calibrate(
     batch: int = 8,
     mirrored: bool = False,
     old_images: Iterable[Tensor] = (),
+    kept: Sequence[Kept | None] = (),
 ) -> dict:
     """Learns the newest branch's prototypes, memories and false-alarm score from ``examples``
     (``(image, target)`` pairs as a torchvision detection dataset yields them, labels in the
@@ -51,8 +53,11 @@ def calibrate(
     counts each labelled box once). ``old_images``: images (float ``[3, H, W]`` in 0..1) that show
     old classes and none of the new ones, such as a few hundred COCO images for a COCO model; no
     labels needed: the model's confident detections there join the old memory, which a few
-    training images leave thin (``detgraft extend --old-images``). Returns what it learned (also
-    logged)."""
+    training images leave thin (``detgraft extend --old-images``). ``kept``: for each example in
+    order (each followed by its mirror image with ``mirrored``), what the frozen base computed for
+    it in training (``detgraft.heads.frozen.Kept``) or None: where a batch has them all, computed
+    in float32, its feature maps are read instead of computed again (the same transform resized the
+    images). Returns what it learned (also logged)."""
     kit = family(model).branch
     branches = kit.branches(model) if kit is not None else None
     if not branches:
@@ -64,7 +69,7 @@ def calibrate(
     try:
         branch = branches[-1]
         passes = functools.partial(_passes, model, kit.calibration_pass, branch)
-        seen = _seen(passes(examples, batch), branch)
+        seen = _seen(passes(examples, batch, kept), branch)
         if not seen["labels"].numel():
             raise ValueError("calibrate needs the training examples; got none")
         nothing = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}  # moved by ``transformed``
@@ -85,13 +90,19 @@ def _with_mirrors(examples: Iterable[tuple[Tensor, dict[str, Tensor]]]):
         yield image.flip(-1), {**target, "boxes": mirrored}
 
 
-def _passes(model: nn.Module, calibration_pass: Callable, branch: nn.Module, examples, batch: int):
+def _passes(model: nn.Module, calibration_pass: Callable, branch: nn.Module, examples, batch: int, kept: Sequence = ()):
     """Per batch of ``examples``: the targets (in the transformed images), the model's detections
     before ``branch`` scoring >= ``KEEPER_SCORE``, and a function giving the base features at boxes
-    (the family's ``calibration_pass``)."""
-    for chunk in chunks(examples, batch):
+    (the family's ``calibration_pass``, on the ``kept`` feature maps where a whole batch has them)."""
+    for k, chunk in enumerate(chunks(examples, batch)):
         image_list, targets = transformed(model, chunk)
-        before, features_at = calibration_pass(model, image_list, branch)
+        saved = list(kept[k * batch : k * batch + len(chunk)])
+        if len(saved) == len(chunk) and all(x is not None and x.dtype == torch.float32 for x in saved):
+            device = image_list.tensors.device
+            features = {name: f.to(device) for name, f in batched(saved).items()}
+            before, features_at = calibration_pass(model, image_list, branch, features=features)
+        else:
+            before, features_at = calibration_pass(model, image_list, branch)
         yield targets, before, features_at
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..heads.masks import allow_boxes_without_masks
 from ..heads.teacher import add_teacher_boxes
 from ..model import families
-from ..model.batchnorm import freeze_batchnorm
+from ..model.batchnorm import batchnorm_in_eval_mode, freeze_batchnorm
 from ..model.card import get_card
 from .distill import add_distillation
 
@@ -81,7 +81,7 @@ def incremental(
         allow_boxes_without_masks(model)
     if strategy == "branch":
         # the base must compute exactly as before: BatchNorm layers stay themselves, in eval mode
-        model.register_forward_pre_hook(_batchnorm_in_eval_mode)
+        model.register_forward_pre_hook(batchnorm_in_eval_mode)
     else:
         log.info("froze %d BatchNorm layers", freeze_batchnorm(model))
     new_labels = card.history[-1]["labels"]
@@ -130,12 +130,6 @@ def _train_new_rows_only(model: nn.Module, first_new: int) -> None:
 
     model.register_forward_pre_hook(lambda module, args: restore(module))
     model.register_state_dict_pre_hook(lambda module, prefix, keep_vars: restore(module))
-
-
-def _batchnorm_in_eval_mode(module: nn.Module, args) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            m.eval()
 
 
 def _drop_rpn_losses(module: nn.Module, args, output):
