@@ -25,7 +25,7 @@ from torchvision.ops import roi_align as tv_roi_align
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 
-from detgraft import ops  # noqa: E402
+from detgraft import _core, ops  # noqa: E402
 
 
 def timed(fn, device) -> float:
@@ -109,6 +109,14 @@ def main() -> None:
         )
         kept = len(tv_nms(boxes, scores, 0.7))
         rows.append((f"nms {n} boxes (IoU 0.7, {kept} kept)", ours, theirs))
+        if n == 1000:  # what the Python layer (operator checks, torchvision's exception types) costs here
+            core, theirs = compare(
+                lambda b=boxes, s=scores: _core.nms(b, s, 0.7),
+                lambda b=boxes, s=scores: tv_nms(b, s, 0.7),
+                repeats,
+                device,
+            )
+            rows.append((f"nms {n} boxes, the Rust kernel called directly (`_core.nms`)", core, theirs))
 
     features, boxes = fpn_inputs(device)
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)

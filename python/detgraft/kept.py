@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 Key = tuple[int, bool, "int | None"]  # TrainingSet.example's arguments: index, flip, jitter seed
 
 
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[k : k + size] for k in range(0, len(items), size)]
+
+
 def not_kept(model: nn.Module, settings: ExtendSettings) -> str | None:
     """Why the frozen base is computed in every step of this run (None: it is kept)."""
     kit = family(model).branch
@@ -60,6 +64,7 @@ class KeptStore:
         self.model, self.kit, self.data = model, kit, data
         self.device = torch.device(settings.device)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
+        self.batch = settings.batch_size  # examples computed together (one batch where they are of one size)
         self.budget = int(settings.frozen_memory * 1e9)
         self.dtype_setting = settings.frozen_dtype
         self.dtype: torch.dtype | None = None  # None: as computed
@@ -67,30 +72,34 @@ class KeptStore:
         self.used = 0
         self.computed_in_steps = 0
 
-    def compute(self, key: Key) -> Kept:
-        """The frozen base on one example, as the training step computes it (its precision too)."""
-        image, target = self.data.example(*key)
-        image = image.to(self.device)
-        target = {k: v.to(self.device) for k, v in target.items()}
+    def compute(self, keys: list[Key]) -> list[Kept]:
+        """The frozen base on examples, as the training step computes it (its precision too)."""
+        examples = [self.data.example(*key) for key in keys]
+        images = [image.to(self.device) for image, _ in examples]
+        targets = [{k: v.to(self.device) for k, v in target.items()} for _, target in examples]
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            return self.kit.frozen_pass(self.model, [image], [target])[0]
+            return self.kit.frozen_pass(self.model, images, targets)
 
     def fill(self, keys: list[Key]) -> None:
-        """Computes and keeps ``keys`` in order until the budget is spent (the rest are computed in
-        their steps); the first example's size decides ``auto``'s dtype for all."""
+        """Computes and keeps ``keys`` in order, ``batch`` at a time, until the budget is spent (the
+        rest are computed in their steps); the first example's size decides ``auto``'s dtype."""
         was_training = self.model.training
         self.model.train()
         batchnorm_in_eval_mode(self.model)
         try:
-            for key in track(keys, "frozen base, once per image"):
-                kept = self.compute(key)
-                if not self.kept:
-                    self.dtype = self._choose_dtype(nbytes(kept) * len(keys))
-                kept = kept.stored(self.dtype)
-                if self.used + nbytes(kept) > self.budget:
+            full = False
+            for chunk in track(_chunks(keys, self.batch), "frozen base, once per image"):
+                for key, kept in zip(chunk, self.compute(chunk)):
+                    if not self.kept:
+                        self.dtype = self._choose_dtype(nbytes(kept) * len(keys))
+                    kept = kept.stored(self.dtype)
+                    full = self.used + nbytes(kept) > self.budget
+                    if full:
+                        break
+                    self.kept[key] = kept
+                    self.used += nbytes(kept)
+                if full:
                     break
-                self.kept[key] = kept
-                self.used += nbytes(kept)
         finally:
             self.model.train(was_training)
         shown = "as computed" if self.dtype is None else str(self.dtype).removeprefix("torch.")
@@ -115,7 +124,7 @@ class KeptStore:
         kept = self.kept.get(key)
         if kept is None:
             self.computed_in_steps += 1
-            kept = self.compute(key)
+            kept = self.compute([key])[0]
         return kept
 
 

@@ -422,32 +422,46 @@ def calibration_pass(
 @torch.no_grad()
 def frozen_pass(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Kept]:
     """What a training step of the newest branch computes with the frozen base, for each example
-    (``image`` and ``target`` as the training loop gives them), computed as the step computes it
-    but one image at a time: the transform (training mode), the backbone's feature maps (those the
-    RPN and the RoI heads read), the RPN's training proposals, how many anchors its sampler drew from, and the
-    teacher's detections. The global RNG is left as it was: ``kept_losses`` replays the step's draws.
-    Call it with the model in training mode, its BatchNorm layers in eval mode (as the ``branch``
-    strategy keeps them)."""
-    heads, rpn = model.roi_heads, model.rpn
+    (``image`` and ``target`` as the training loop gives them), computed as the step computes it:
+    the transform (training mode), the backbone's feature maps, the RPN's training proposals, how
+    many anchors its sampler drew from, and the teacher's detections. Images of one size after the
+    transform run as one batch (nothing padded); otherwise each runs alone, padded as a batch of
+    one. The global RNG is left as it was: ``kept_losses`` replays the step's draws. Call it with
+    the model in training mode, its BatchNorm layers in eval mode (as the ``branch`` strategy keeps
+    them)."""
     device = images[0].device
-    kept = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        image_list, transformed = model.transform(images, targets)
+        if len(set(image_list.image_sizes)) == 1:
+            return _frozen_batch(model, image_list, transformed)
+        kept = []
         for image, target in zip(images, targets):
-            image_list, (target,) = model.transform([image], [target])
-            features = model.backbone(image_list.tensors)
-            if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
-                features = OrderedDict([("0", features)])
-            counting = _CountingSampler(rpn.fg_bg_sampler)
-            rpn.fg_bg_sampler = counting
-            try:
-                proposals, _ = rpn(image_list, features, [target])
-            finally:
-                rpn.fg_bg_sampler = counting.sampler
-            taught = heads._teacher(features, proposals, image_list.image_sizes) if heads.branches[-1].others else None
-            maps = OrderedDict((k, v[0]) for k, v in features.items())
-            extra = {"proposals": proposals[0], "sampled": counting.counts[0], "taught": taught and taught[0]}
-            kept.append(Kept(maps, image_list.image_sizes[0], target, extra, next(iter(maps.values())).dtype))
-    return kept
+            kept += _frozen_batch(model, *model.transform([image], [target]))
+        return kept
+
+
+def _frozen_batch(model: nn.Module, image_list: ImageList, targets: list[dict[str, Tensor]]) -> list[Kept]:
+    heads, rpn = model.roi_heads, model.rpn
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, Tensor):  # as GeneralizedRCNN does for a single-map backbone
+        features = OrderedDict([("0", features)])
+    counting = _CountingSampler(rpn.fg_bg_sampler)
+    rpn.fg_bg_sampler = counting
+    try:
+        proposals, _ = rpn(image_list, features, targets)
+    finally:
+        rpn.fg_bg_sampler = counting.sampler
+    taught = heads._teacher(features, proposals, image_list.image_sizes) if heads.branches[-1].others else None
+    return [
+        Kept(
+            OrderedDict((name, maps[i]) for name, maps in features.items()),
+            image_list.image_sizes[i],
+            targets[i],
+            {"proposals": proposals[i], "sampled": counting.counts[i], "taught": taught[i] if taught else None},
+            next(iter(features.values())).dtype,
+        )
+        for i in range(len(targets))
+    ]
 
 
 def kept_losses(model: nn.Module, kept: list[Kept]) -> dict[str, Tensor]:
