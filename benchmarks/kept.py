@@ -12,11 +12,9 @@ step computing it, on EmojiCOCO and on torchvision's ResNet-50 FPN Faster R-CNN 
    $RUNS: COCO's cannot be downloaded here) at torchvision's default 800 px, the same 17 images:
    the default command from start to checkpoint (kept). Computing the base in every step takes
    about half a minute a step there, so the whole default run of 150 steps that way is not run:
-   the same command with ``--steps 10`` runs both ways, and the default run without kept features
-   is estimated from its 10-step run as its phases (extend.json ``phases``) with the steps' time
+   the same command with ``--steps 10 --frozen-memory 0`` runs, and the default run without kept
+   features is estimated from its 10-step run as its phases (extend.json ``phases``) with the steps' time
    times 15.
-3. The ``sizes`` rows (rerun by ``benchmarks/sizes.py`` first) beside the rows in results.json at
-   ``--before`` (the commit before this change).
 
 Writes the ``kept`` section of RESULTS.md and ``kept`` in results.json. Finished runs in $RUNS are
 reused (delete a folder to redo it).
@@ -26,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,13 +34,11 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 from sizes import STEP1, draw, score, train  # noqa: E402
-from sizes_table import SIZES  # noqa: E402
 
 import detgraft  # noqa: E402
 from detgraft.data.dataset import load_dataset  # noqa: E402
 
 HERE = Path(__file__).parent
-BEFORE = "93075e4"  # the last commit before the frozen base was kept
 
 
 def weight_difference(a: Path, b: Path) -> tuple[float, str]:
@@ -77,7 +72,6 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=Path("../shared/bench"))
     parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
-    parser.add_argument("--before", default=BEFORE, help="the commit whose results.json holds the rows before")
     args = parser.parse_args()
     args.bench, args.data, args.runs = args.bench.resolve(), args.data.resolve(), args.runs.resolve()
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -107,7 +101,6 @@ def main() -> None:
     r50 = ["--base", "fasterrcnn_resnet50_fpn", "--weights", str(r50_weights(args.runs)), "--classes", f"{b}/base.json"]
     r50_runs = {
         "kept": train(args, args.runs / "r50-kept", ten, r50),
-        "kept_10_steps": train(args, args.runs / "r50-kept-10steps", ten, r50, ("--steps", "10")),
         "every_step_10_steps": train(
             args, args.runs / "r50-every-10steps", ten, r50, ("--steps", "10", "--frozen-memory", "0")
         ),
@@ -120,21 +113,8 @@ def main() -> None:
         estimated(r50_runs["every_step_10_steps"], r50_runs["kept"]["steps"]), 1
     )
 
-    # 3. the sizes rows, before and after
-    shown_before = ["git", "show", f"{args.before}:benchmarks/results.json"]
-    before = json.loads(subprocess.run(shown_before, capture_output=True, text=True, check=True, cwd=HERE).stdout)
-    before = before["sizes"]
-    after = json.loads((HERE / "results.json").read_text())["sizes"]
-    rows = {}
-    for k in (*map(str, SIZES), "all"):
-        rows[k] = {
-            when: {key: sum(s[k][key]) / len(s[k][key]) for key in ("old_ap", "new_ap", "old_on_new", "seconds")}
-            | {"peak_rss_mb": s[k]["peak_rss_mb"]}
-            for when, s in (("before", before), ("after", after))
-        }
-
     results = json.loads((HERE / "results.json").read_text())
-    results["kept"] = {"emojicoco_10": emoji, "resnet50_fpn_800": resnet, "sizes": rows, "before": args.before}
+    results["kept"] = {"emojicoco_10": emoji, "resnet50_fpn_800": resnet}
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     write_section("kept", table(results["kept"], args))
     print(table(results["kept"], args))
@@ -146,8 +126,8 @@ def table(k: dict, args) -> str:
     lines = [
         "## The frozen base once per image (issue 29)",
         "",
-        "Command: `python benchmarks/kept.py --bench ../shared/bench --data $DATA --runs $RUNS` (after "
-        "`benchmarks/sizes.py`). Each run is `detgraft extend` in its own process on this 2-core machine (the "
+        "Command: `python benchmarks/kept.py --bench ../shared/bench --data $DATA --runs $RUNS`. Each run is "
+        "`detgraft extend` in its own process on this 2-core machine (the "
         "command beside it); seconds from the command to the checkpoint as extend.json records them, with its "
         "phases: computing the frozen base once per training example (0 when every step computes it) / the "
         "training steps / calibration. `--frozen-memory 0` computes the whole model in every step, as before.",
@@ -162,41 +142,24 @@ def table(k: dict, args) -> str:
             f"{phases(run)} | {run['peak_rss_mb']} | {run['old_ap']:.4f} | {run['new_ap']:.4f} | {run['old_on_new']} | "
             f"`{run['command']}` |"
         )
-    for name, label in (
-        ("kept", "default (150 steps), kept"),
-        ("kept_10_steps", "10 steps, kept"),
-        ("every_step_10_steps", "10 steps, every step"),
-    ):
+    for name, label in (("kept", "default (150 steps), kept"), ("every_step_10_steps", "10 steps, every step")):
         run = r[name]
         lines.append(
             f"| ResNet-50 FPN 800 px, {label} | {run['seconds']:.0f} | {phases(run)} | {run['peak_rss_mb']} | | | | "
             f"`{run['command']}` |"
         )
     w = e["weight_difference"]
-    ten_kept, ten_every = r["kept_10_steps"], r["every_step_10_steps"]
+    kept, every = r["kept"], r["every_step_10_steps"]
     lines += [
         "",
         f"EmojiCOCO: the two runs' trained weights differ by at most {w['relative']:.1e} of a tensor's largest value "
-        f"(`{w['tensor']}`): each image's base computed alone instead of in a batch (same-size images), float "
-        "rounding. ResNet-50 FPN: a training step takes "
-        f"{ten_kept['phases']['steps'] / ten_kept['steps']:.1f} s kept and "
-        f"{ten_every['phases']['steps'] / ten_every['steps']:.1f} s computing the base (same run); the default run "
-        f"computing the base in every step is estimated at {r['every_step_estimated_seconds']:.0f} s (its 10-step run "
-        "with the steps' time scaled to 150), against the kept run's measured "
-        f"{r['kept']['seconds']:.0f} s.",
-        "",
-        f"The `sizes` rows (means over the draws) before (results.json at {k['before']}) and after:",
-        "",
-        "| images per class | old AP | new AP | old-on-new | train s | peak RSS MB |",
-        "|---|---|---|---|---|---|",
+        f"(`{w['tensor']}`): float rounding (each chunk of same-size images' base computed as one batch, not in the "
+        "step's batch). ResNet-50 FPN: a training step takes "
+        f"{kept['phases']['steps'] / kept['steps']:.1f} s with the base kept and "
+        f"{every['phases']['steps'] / every['steps']:.1f} s computing it; the default run computing the base in every "
+        f"step is estimated at {r['every_step_estimated_seconds']:.0f} s (its 10-step run with the steps' time scaled "
+        f"to {kept['steps']} steps), against the kept run's measured {kept['seconds']:.0f} s.",
     ]
-    for size, row in k["sizes"].items():
-        a, b = row["before"], row["after"]
-        lines.append(
-            f"| {size} | {a['old_ap']:.4f} → {b['old_ap']:.4f} | {a['new_ap']:.4f} → {b['new_ap']:.4f} | "
-            f"{a['old_on_new']:.1f} → {b['old_on_new']:.1f} | {a['seconds']:.0f} → {b['seconds']:.0f} | "
-            f"{a['peak_rss_mb']} → {b['peak_rss_mb']} |"
-        )
     return "\n".join(lines)
 
 
