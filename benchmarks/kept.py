@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=Path("../shared/bench"))
     parser.add_argument("--data", type=Path, default=Path("/tmp/emojicoco"))
     parser.add_argument("--runs", type=Path, default=Path("/tmp/detgraft-sizes"))
+    parser.add_argument("--emojicoco-only", action="store_true", help="part 1 only")
+    parser.add_argument("--from-results", action="store_true", help="only write RESULTS.md's section from results.json")
     args = parser.parse_args()
+    if args.from_results:
+        return write_section("kept", table(json.loads((HERE / "results.json").read_text())["kept"], args))
     args.bench, args.data, args.runs = args.bench.resolve(), args.data.resolve(), args.runs.resolve()
     args.runs.mkdir(parents=True, exist_ok=True)
     b = args.bench
@@ -96,6 +100,13 @@ def main() -> None:
         emoji[name] = score(model, test, STEP1) | {k: run[k] for k in ("seconds", "peak_rss_mb", "phases", "command")}
     difference, tensor = weight_difference(args.runs / "kept-k10-draw0", args.runs / "every-k10-draw0")
     emoji["weight_difference"] = {"relative": difference, "tensor": tensor}
+
+    results = json.loads((HERE / "results.json").read_text())
+    if args.emojicoco_only:
+        results["kept"] = {"emojicoco_10": emoji}
+        (HERE / "results.json").write_text(json.dumps(results, indent=1))
+        write_section("kept", table(results["kept"], args))
+        return print(table(results["kept"], args))
 
     # 2. ResNet-50 FPN at 800 px
     r50 = ["--base", "fasterrcnn_resnet50_fpn", "--weights", str(r50_weights(args.runs)), "--classes", f"{b}/base.json"]
@@ -121,12 +132,13 @@ def main() -> None:
 
 
 def table(k: dict, args) -> str:
-    e, r = k["emojicoco_10"], k["resnet50_fpn_800"]
+    e, r = k["emojicoco_10"], k.get("resnet50_fpn_800")
     phases = lambda run: " / ".join(f"{run['phases'][p]:.0f}" for p in ("frozen_pass", "steps", "calibrate"))  # noqa: E731
     lines = [
         "## The frozen base once per image (issue 29)",
         "",
-        "Command: `python benchmarks/kept.py --bench ../shared/bench --data $DATA --runs $RUNS`. Each run is "
+        "Command: `python benchmarks/kept.py --bench ../shared/bench --data $DATA --runs $RUNS"
+        f"{'' if r else ' --emojicoco-only'}`. Each run is "
         "`detgraft extend` in its own process on this 2-core machine (the "
         "command beside it); seconds from the command to the checkpoint as extend.json records them, with its "
         "phases: computing the frozen base once per training example (0 when every step computes it) / the "
@@ -142,19 +154,26 @@ def table(k: dict, args) -> str:
             f"{phases(run)} | {run['peak_rss_mb']} | {run['old_ap']:.4f} | {run['new_ap']:.4f} | {run['old_on_new']} | "
             f"`{run['command']}` |"
         )
-    for name, label in (("kept", "default (150 steps), kept"), ("every_step_10_steps", "10 steps, every step")):
+    for name, label in (("kept", "default (150 steps), kept"), ("every_step_10_steps", "10 steps, every step")) * bool(
+        r
+    ):
         run = r[name]
         lines.append(
             f"| ResNet-50 FPN 800 px, {label} | {run['seconds']:.0f} | {phases(run)} | {run['peak_rss_mb']} | | | | "
             f"`{run['command']}` |"
         )
     w = e["weight_difference"]
+    same = (
+        "are bit-identical"
+        if w["relative"] == 0
+        else f"differ by at most {w['relative']:.1e} of a tensor's largest value (`{w['tensor']}`): float rounding"
+    )
+    lines += ["", f"EmojiCOCO: the two runs' trained weights {same}; so are their test scores."]
+    if not r:
+        return "\n".join(lines)
     kept, every = r["kept"], r["every_step_10_steps"]
     lines += [
-        "",
-        f"EmojiCOCO: the two runs' trained weights differ by at most {w['relative']:.1e} of a tensor's largest value "
-        f"(`{w['tensor']}`): float rounding (each chunk of same-size images' base computed as one batch, not in the "
-        "step's batch). ResNet-50 FPN: a training step takes "
+        "ResNet-50 FPN: a training step takes "
         f"{kept['phases']['steps'] / kept['steps']:.1f} s with the base kept and "
         f"{every['phases']['steps'] / every['steps']:.1f} s computing it; the default run computing the base in every "
         f"step is estimated at {r['every_step_estimated_seconds']:.0f} s (its 10-step run with the steps' time scaled "
