@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
-from sizes import STEP1, draw, score, train  # noqa: E402
+from sizes import STEP1, bench_base, draw, score, train  # noqa: E402
 
 import detgraft  # noqa: E402
 from detgraft.data.dataset import load_dataset  # noqa: E402
@@ -80,14 +80,7 @@ def main() -> None:
     args.bench, args.data, args.runs = args.bench.resolve(), args.data.resolve(), args.runs.resolve()
     args.runs.mkdir(parents=True, exist_ok=True)
     b = args.bench
-    base_args = [
-        "--base",
-        f"{b}/base_model.py:build",
-        "--weights",
-        f"{b}/base.safetensors",
-        "--classes",
-        f"{b}/base.json",
-    ]
+    base_args = bench_base(b)
     ten = draw(args.data, 10, 0)
 
     # 1. EmojiCOCO 10 per class, both ways
@@ -154,9 +147,8 @@ def table(k: dict, args) -> str:
             f"{phases(run)} | {run['peak_rss_mb']} | {run['old_ap']:.4f} | {run['new_ap']:.4f} | {run['old_on_new']} | "
             f"`{run['command']}` |"
         )
-    for name, label in (("kept", "default (150 steps), kept"), ("every_step_10_steps", "10 steps, every step")) * bool(
-        r
-    ):
+    resnet_rows = (("kept", "default (150 steps), kept"), ("every_step_10_steps", "10 steps, every step"))
+    for name, label in resnet_rows if r else ():
         run = r[name]
         lines.append(
             f"| ResNet-50 FPN 800 px, {label} | {run['seconds']:.0f} | {phases(run)} | {run['peak_rss_mb']} | | | | "

@@ -78,6 +78,12 @@ def draw(data: Path, per_class: int, seed: int) -> Path:
     return path
 
 
+def bench_base(bench: Path) -> list[str]:
+    """``detgraft extend``'s arguments that load the EmojiCOCO base from the bench folder."""
+    return ["--base", f"{bench}/base_model.py:build", "--weights", f"{bench}/base.safetensors", "--classes",
+            f"{bench}/base.json"]  # fmt: skip
+
+
 def train(args, out: Path, train_file: Path, base: list[str], extra: tuple[str, ...] = ()) -> dict:
     """Runs ``detgraft extend`` with its defaults (and ``extra`` flags) unless ``out`` holds its
     result; returns extend.json."""
@@ -159,14 +165,7 @@ def main() -> None:
     if args.link_old_images:
         return link_old_images(args.data)
     b = args.bench
-    base_args = [
-        "--base",
-        f"{b}/base_model.py:build",
-        "--weights",
-        f"{b}/base.safetensors",
-        "--classes",
-        f"{b}/base.json",
-    ]
+    base_args = bench_base(b)
     if args.old_images_only:
         return with_old_images_only(args, base_args, results)
     runs = {}

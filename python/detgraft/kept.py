@@ -31,6 +31,7 @@ from .model.batchnorm import batchnorm_in_eval_mode
 from .model.families import BranchKit, family
 from .progress import track
 from .settings import ExtendSettings
+from .strategies.calibrate import chunks
 
 __all__ = ["KeptStep", "KeptStore", "keep_frozen", "not_kept"]
 
@@ -39,13 +40,10 @@ log = logging.getLogger(__name__)
 Key = tuple[int, bool, "int | None"]  # TrainingSet.example's arguments: index, flip, jitter seed
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[k : k + size] for k in range(0, len(items), size)]
-
-
 def not_kept(model: nn.Module, settings: ExtendSettings) -> str | None:
     """Why the frozen base is computed in every step of this run (None: it is kept)."""
-    kit = family(model).branch
+    kind = family(model)
+    kit = kind.branch
     if settings.strategy != "branch":
         return f"--strategy {settings.strategy} trains the base"
     if not settings.frozen_memory:
@@ -53,7 +51,7 @@ def not_kept(model: nn.Module, settings: ExtendSettings) -> str | None:
     if settings.jitter:
         return "--jitter draws a new crop of each image in each step"
     if kit is None or kit.frozen_pass is None:
-        return f"not written for {family(model).name} yet"
+        return f"not written for {kind.name} yet"
     return kit.kept_unfit(model) if kit.kept_unfit else None
 
 
@@ -70,7 +68,6 @@ class KeptStore:
         self.dtype: torch.dtype | None = None  # None: as computed
         self.kept: dict[Key, Kept] = {}
         self.used = 0
-        self.computed_in_steps = 0
 
     def compute(self, keys: list[Key]) -> list[Kept]:
         """The frozen base on examples, as the training step computes it (its precision too)."""
@@ -88,7 +85,7 @@ class KeptStore:
         batchnorm_in_eval_mode(self.model)
         try:
             full = False
-            for chunk in track(_chunks(keys, self.batch), "frozen base, once per image"):
+            for chunk in track(chunks(keys, self.batch), "frozen base, once per image"):
                 for key, kept in zip(chunk, self.compute(chunk)):
                     if not self.kept:
                         self.dtype = self._choose_dtype(nbytes(kept) * len(keys))
@@ -122,10 +119,7 @@ class KeptStore:
 
     def get(self, key: Key) -> Kept:
         kept = self.kept.get(key)
-        if kept is None:
-            self.computed_in_steps += 1
-            kept = self.compute([key])[0]
-        return kept
+        return kept if kept is not None else self.compute([key])[0]
 
 
 class KeptStep(nn.Module):

@@ -117,9 +117,8 @@ class BranchRoIHeads(RoIHeads):
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:
-            return self._training_forward(
-                features, proposals, image_shapes, targets, None
-            )  # (TorchScript: all of them)
+            # (TorchScript's stub of an unused method takes every argument, defaults included)
+            return self._training_forward(features, proposals, image_shapes, targets, None)
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         per_source = self._per_source(pooled, proposals, image_shapes, len(self.branches))
         states: list[BranchState] = []
@@ -431,13 +430,13 @@ def frozen_pass(model: nn.Module, images: list[Tensor], targets: list[dict[str, 
     them)."""
     device = images[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        image_list, transformed = model.transform(images, targets)
-        if len(set(image_list.image_sizes)) == 1:
-            return _frozen_batch(model, image_list, transformed)
-        kept = []
-        for image, target in zip(images, targets):
-            kept += _frozen_batch(model, *model.transform([image], [target]))
-        return kept
+        # each image alone, as the transform resizes it (a batch of one: padded to its own size)
+        alone = [model.transform([image], [target]) for image, target in zip(images, targets)]
+        sizes = [image_list.image_sizes[0] for image_list, _ in alone]
+        if len(set(sizes)) == 1:  # one size: side by side they are the transform's batch of them
+            together = ImageList(torch.cat([image_list.tensors for image_list, _ in alone]), sizes)
+            return _frozen_batch(model, together, [target for _, (target,) in alone])
+        return [kept for image_list, target in alone for kept in _frozen_batch(model, image_list, target)]
 
 
 def _frozen_batch(model: nn.Module, image_list: ImageList, targets: list[dict[str, Tensor]]) -> list[Kept]:
