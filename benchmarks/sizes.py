@@ -209,6 +209,9 @@ def main() -> None:
     step2_row |= {k: step2[k] for k in ("seconds", "peak_rss_mb", "steps", "command")}
     earlier_old = results.get("sizes", {}).get("old_images")
     kept = {"others": results["sizes"]["others"]} if "others" in results.get("sizes", {}) and not others else {}
+    # the training seconds before issue 29 (the frozen base computed in every step), recorded by this
+    # script before that issue and kept beside the new ones
+    kept |= {k: results["sizes"][k] for k in ("every_step_seconds",) if k in results.get("sizes", {})}
     results["sizes"] = (
         sizes
         | kept

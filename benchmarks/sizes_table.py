@@ -6,6 +6,7 @@ SIZES = (10, 30, 50)  # images per new class of the few-data rows (three draws e
 def table(results: dict) -> str:
     s = results["sizes"]
     base_ap, base_on = s["base_old_ap"], s["base_old_on_new"]
+    before = s.get("every_step_seconds", {})  # the frozen base computed in every step (before issue 29)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     spread = lambda xs, f=".3f": f"{mean(xs):{f}} ({min(xs):{f}}-{max(xs):{f}})" if len(xs) > 1 else f"{xs[0]:{f}}"  # noqa: E731
     lines = [
@@ -20,9 +21,9 @@ def table(results: dict) -> str:
         f"old-class AP {base_ap:.3f}; old classes fire on {base_on} chicken/frog objects. Merge off: draw 0's model "
         "with `merge_iou` None (the base's detections untouched, its false alarms included).",
         "",
-        "| images per class | old AP x base | new AP | old-on-new (cut) | steps | train s | peak RSS MB "
-        "| merge off (draw 0): old x base / new AP / old-on-new |",
-        "|---|---|---|---|---|---|---|---|",
+        "| images per class | old AP x base | new AP | old-on-new (cut) | steps | train s | train s before issue 29 "
+        "| peak RSS MB | merge off (draw 0): old x base / new AP / old-on-new |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for k in (*map(str, SIZES), "all"):
         r = s[k]
@@ -32,7 +33,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {k} | {spread(ratio, '.4f')} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.1%}) | "
             f"{'/'.join(map(str, sorted(set(r['steps']))))} | {spread(r['seconds'], '.0f')} | "
-            f"{r['peak_rss_mb']} | {off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
+            f"{spread(before[k], '.0f') if k in before else ''} | {r['peak_rss_mb']} | {off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
         )
     lines += ["", "Commands, in the order of the rows:", ""]
     lines += [f"- `{c}`" for k in (*map(str, SIZES), "all") for c in s[k]["commands"]]
@@ -98,13 +99,15 @@ def table(results: dict) -> str:
         lines += [f"- `{r['command']}`" for rows in s["others"].values() for r in rows.values()]
     st = results["step2"]["branch"]
     base2, off2 = s["base_old_on_new_step2"], st["merge_off"]
+    before_step2 = before.get("step2")
     lines += [
         "",
         "| step 2 (duck, turtle, penguin on the all-data model) | old x base | step-1 AP | step-2 AP | old-on-new "
         "(cut) | train s | merge off: old x base / step-2 AP / old-on-new | command |",
         "|---|---|---|---|---|---|---|---|",
         f"| branch | {st['old_ap'] / base_ap:.3f} | {st['step1_ap']:.3f} | {st['new_ap']:.3f} | {st['old_on_new']} "
-        f"({1 - st['old_on_new'] / max(base2, 1):.0%} of the base's {base2}) | {st['seconds']:.0f} | "
+        f"({1 - st['old_on_new'] / max(base2, 1):.0%} of the base's {base2}) | {st['seconds']:.0f}"
+        f"{f' ({before_step2:.0f} before issue 29)' if before_step2 else ''} | "
         f"{off2['old_ap'] / base_ap:.3f} / {off2['new_ap']:.3f} / {off2['old_on_new']} "
         f"| `{st['command']}` |",
     ]
