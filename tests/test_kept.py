@@ -157,3 +157,39 @@ def test_bf16_autocast_keeps_bf16_feature_maps_and_trains_like_every_step(train,
     a, b = kept["loss_curve"]["loss"], every["loss_curve"]["loss"]
     # bf16 keeps 8 bits: the same draws, sums rounded differently
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+def test_a_one_stage_branch_trains_the_same_with_kept_feature_maps(name, tmp_path, monkeypatch):
+    from test_families import build as build_family
+
+    data = write_coco(tmp_path, "train", ["chicken", "frog"], [[4, 4, 20, 24], [30, 28, 26, 30]])
+    runs = {}
+    for run_name, kw in (("kept", {}), ("every", {"frozen_memory": 0})):
+        torch.manual_seed(0)
+        model = build_family(name)
+        images = []  # the batch sizes through the backbone
+        model.backbone.register_forward_hook(lambda m, args, out, images=images: images.append(len(args[0])))
+        # 12 steps of 2: each of the 6 images and each of their mirror images appears in some step
+        extend(model, data, settings(strategy="branch", steps=12, **kw), out=tmp_path / run_name)
+        runs[run_name] = model, sum(images), json.loads((tmp_path / run_name / "extend.json").read_text())
+    (kept, kept_images, kept_run), (every, every_images, every_run) = runs["kept"], runs["every"]
+    assert kept_run["phases"]["frozen_pass"] > 0 and every_run["phases"]["frozen_pass"] == 0
+    # each of the images and its mirror through the backbone once (calibration reads them), not once a step
+    assert kept_images == 2 * len(data.coco["images"]) < every_images
+    a, b = kept_run["loss_curve"]["loss"], every_run["loss_curve"]["loss"]
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=RTOL, atol=0)
+    assert relative_difference(kept, every) < RTOL
+    branch = kept.head.branches[0].head
+    tower, base_tower = next(branch.conv.parameters()), next(kept.head.classification_head.conv.parameters())
+    assert not torch.equal(tower, base_tower)  # it trained
+    # with another padded shape the anchors' strides are wrong and so is the loss: the test can fail
+    monkeypatch.setattr(detgraft.kept.KeptStore, "get", lambda self, key: padded_twice(self.kept[key]))
+    extend(build_family(name), data, settings(strategy="branch", steps=2), out=tmp_path / "wrong")
+    wrong = json.loads((tmp_path / "wrong" / "extend.json").read_text())["loss_curve"]["loss"]
+    assert max(abs(x - y) / abs(y) for x, y in zip(wrong, b)) > 10 * RTOL
+
+
+def padded_twice(kept):
+    height, width = kept.extra["padded"]
+    return type(kept)(kept.features, kept.image_size, kept.target, {"padded": (2 * height, 2 * width)}, kept.dtype)

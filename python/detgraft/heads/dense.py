@@ -19,9 +19,14 @@ subclasses, as ``BranchRoIHeads`` does for R-CNNs): ``model(images, targets)`` r
 ``{"classification": ...}``, the newest branch's focal loss, and eval mode torchvision's list of
 ``{boxes, labels, scores}``. The inference path is TorchScript (``detgraft export``); training is
 Python only.
+
+In training only the branch learns; what the frozen base computes for an example (the transform
+and the backbone's FPN maps) can be computed once (``frozen_pass``) and the step's loss from it
+(``kept_losses``): ``detgraft.kept``.
 """
 
 import copy
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
+from .frozen import Kept, batched, frozen_batches, replay_transform_draws
 from .merge import (
     ONE_STAGE_CLAIM_SCORE,
     Arbitrated,
@@ -53,6 +59,8 @@ __all__ = [
     "branches",
     "calibration_pass",
     "dense_branch_layout",
+    "frozen_pass",
+    "kept_losses",
     "restore_dense_branches",
 ]
 
@@ -174,6 +182,12 @@ class _BranchModel:
         anchors split per FPN level (as torchvision's forward splits them), and the base's tower."""
         maps = self.backbone(image_list.tensors)
         features = [maps] if isinstance(maps, Tensor) else list(maps.values())  # as torchvision's forward
+        return self.heads_on(image_list, features)
+
+    def heads_on(
+        self, image_list: ImageList, features: list[Tensor]
+    ) -> tuple[dict[str, list[Tensor]], list[list[Tensor]], list[Tensor]]:
+        """``head_pass`` on the backbone's FPN maps ``features`` of ``image_list``."""
         head_outputs, tower = self.head.base_outputs(features)
         anchors = self.anchor_generator(image_list, features)
         num_anchors_per_level = [x.size(2) * x.size(3) for x in features]
@@ -190,6 +204,16 @@ class _BranchModel:
     ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
         # torchvision's forward, with the branch's head and compute_loss (its eager output: the losses)
         return super().forward(images, targets)
+
+    @torch.jit.unused
+    def training_losses(
+        self, image_list: ImageList, features: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """torchvision's training forward after the backbone: the newest branch's loss on the FPN
+        maps ``features`` of the transformed ``image_list`` and its ``targets``."""
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(image_list, features)
+        return self._losses(targets, head_outputs, anchors, features)
 
     def compute_loss(self, targets, head_outputs, *rest):
         branch = self.head.branches[-1]
@@ -266,11 +290,17 @@ class _BranchModel:
 
 
 class BranchRetinaNet(_BranchModel, RetinaNet):
-    pass
+    @torch.jit.unused
+    def _losses(self, targets, head_outputs, anchors, features) -> dict[str, Tensor]:
+        return self.compute_loss(targets, head_outputs, anchors)  # as RetinaNet.forward calls it
 
 
 class BranchFCOS(_BranchModel, FCOS):
-    pass
+    @torch.jit.unused
+    def _losses(self, targets, head_outputs, anchors, features) -> dict[str, Tensor]:
+        return self.compute_loss(
+            targets, head_outputs, anchors, [x.size(2) * x.size(3) for x in features]
+        )  # as FCOS.forward
 
 
 def branches(model: nn.Module) -> nn.ModuleList | None:
@@ -340,14 +370,58 @@ def restore_dense_branches(model: nn.Module, layout: dict, *, classes: tuple[typ
 
 
 @torch.no_grad()
-def calibration_pass(model: nn.Module, image_list: ImageList, branch: DenseBranch):
+def calibration_pass(
+    model: nn.Module, image_list: ImageList, branch: DenseBranch, features: OrderedDict[str, Tensor] | None = None
+):
     """What ``detgraft.calibrate`` reads of a RetinaNet / FCOS on transformed images: the model's
     detections before its newest branch (``branch``), and a function giving the base tower's
-    features at boxes."""
-    outputs, anchors, tower = model.head_pass(image_list)
+    features at boxes. ``features``: the backbone's FPN maps of those images when they were kept
+    (``frozen_pass``)."""
+    if features is None:
+        outputs, anchors, tower = model.head_pass(image_list)
+    else:
+        outputs, anchors, tower = model.heads_on(image_list, list(features.values()))
     sources = model.sources(outputs, anchors, image_list.image_sizes)
     before = [
         {k: torch.cat([s[i][k] for s in sources[:-1]]) for k in ("boxes", "scores", "labels")}
         for i in range(len(image_list.image_sizes))
     ]
     return before, lambda boxes: model.tower_features(tower, boxes, image_list.image_sizes)
+
+
+@torch.no_grad()
+def frozen_pass(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Kept]:
+    """What a training step of the newest branch computes with the frozen base, for each example
+    (``image`` and ``target`` as the training loop gives them), computed as the step computes it
+    (``frozen_batches``): the transform (training mode) and the backbone's FPN maps. The branch's
+    tower, which learns, runs in each step."""
+    return frozen_batches(model, images, targets, _frozen_batch)
+
+
+def _frozen_batch(model: nn.Module, image_list: ImageList, targets: list[dict[str, Tensor]]) -> list[Kept]:
+    maps = model.backbone(image_list.tensors)
+    if isinstance(maps, Tensor):  # as torchvision's forward does for a single-map backbone
+        maps = OrderedDict([("0", maps)])
+    padded = tuple(image_list.tensors.shape[-2:])  # the anchors' strides are read from it
+    return [
+        Kept(
+            OrderedDict((name, level[i]) for name, level in maps.items()),
+            image_list.image_sizes[i],
+            targets[i],
+            {"padded": padded},
+            next(iter(maps.values())).dtype,
+        )
+        for i in range(len(targets))
+    ]
+
+
+def kept_losses(model: nn.Module, kept: list[Kept]) -> dict[str, Tensor]:
+    """The loss of a training step (``model(images, targets)`` in training mode) on examples whose
+    FPN maps ``frozen_pass`` computed: the transform's size draws are replayed, then the branch runs
+    on the kept maps, side by side as torchvision pads a batch."""
+    replay_transform_draws(model.transform, len(kept))
+    features = list(batched(kept).values())
+    height, width = max(k.extra["padded"][0] for k in kept), max(k.extra["padded"][1] for k in kept)
+    # the anchor generator reads the batch's shape, dtype and device, not its pixels
+    images = ImageList(features[0].new_zeros(()).expand(len(kept), 3, height, width), [k.image_size for k in kept])
+    return model.training_losses(images, features, [k.target for k in kept])

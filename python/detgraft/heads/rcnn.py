@@ -28,7 +28,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 
-from .frozen import Kept, batched
+from .frozen import Kept, batched, frozen_batches, replay_transform_draws
 from .merge import KEEPER_SCORE, Arbitrated, BranchState, add_arbitration_state, memory_lengths, merge, resize_memories
 from .teacher import add_teacher_boxes
 
@@ -42,7 +42,6 @@ __all__ = [
     "calibration_pass",
     "frozen_pass",
     "kept_losses",
-    "kept_size_draws",
     "restore_branches",
 ]
 
@@ -421,22 +420,12 @@ def calibration_pass(
 @torch.no_grad()
 def frozen_pass(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Kept]:
     """What a training step of the newest branch computes with the frozen base, for each example
-    (``image`` and ``target`` as the training loop gives them), computed as the step computes it:
-    the transform (training mode), the backbone's feature maps, the RPN's training proposals, how
-    many anchors its sampler drew from, and the teacher's detections. Images of one size after the
-    transform run as one batch (nothing padded); otherwise each runs alone, padded as a batch of
-    one. The global RNG is left as it was: ``kept_losses`` replays the step's draws. Call it with
-    the model in training mode, its BatchNorm layers in eval mode (as the ``branch`` strategy keeps
-    them)."""
-    device = images[0].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        # each image alone, as the transform resizes it (a batch of one: padded to its own size)
-        alone = [model.transform([image], [target]) for image, target in zip(images, targets)]
-        sizes = [image_list.image_sizes[0] for image_list, _ in alone]
-        if len(set(sizes)) == 1:  # one size: side by side they are the transform's batch of them
-            together = ImageList(torch.cat([image_list.tensors for image_list, _ in alone]), sizes)
-            return _frozen_batch(model, together, [target for _, (target,) in alone])
-        return [kept for image_list, target in alone for kept in _frozen_batch(model, image_list, target)]
+    (``image`` and ``target`` as the training loop gives them), computed as the step computes it
+    (``frozen_batches``): the transform (training mode), the backbone's feature maps, the RPN's
+    training proposals, how many anchors its sampler drew from, and the teacher's detections. Call
+    it with the model in training mode, its BatchNorm layers in eval mode (as the ``branch``
+    strategy keeps them)."""
+    return frozen_batches(model, images, targets, _frozen_batch)
 
 
 def _frozen_batch(model: nn.Module, image_list: ImageList, targets: list[dict[str, Tensor]]) -> list[Kept]:
@@ -484,10 +473,7 @@ def kept_losses(model: nn.Module, kept: list[Kept]) -> dict[str, Tensor]:
 def _replay_draws(model: nn.Module, kept: list[Kept]) -> None:
     """The random draws of a training step before its RoI heads, made again: the same calls on
     inputs of the same sizes."""
-    transform = model.transform
-    for _ in kept:  # GeneralizedRCNNTransform.resize draws a size per image in training mode
-        if not getattr(transform, "_skip_resize", False):
-            transform.torch_choice(transform.min_size)
+    replay_transform_draws(model.transform, len(kept))
     device = kept[0].extra["proposals"].device
     # the RPN's sampler draws a permutation of each image's positive and of its negative anchors
     model.rpn.fg_bg_sampler(
@@ -496,16 +482,6 @@ def _replay_draws(model: nn.Module, kept: list[Kept]) -> None:
             for p, n in (k.extra["sampled"] for k in kept)
         ]
     )
-
-
-def kept_size_draws(model: nn.Module) -> str | None:
-    """Why ``frozen_pass`` cannot stand for the step on this model (None: it can): a transform that
-    draws each image's size from several (multi-scale training) resizes an image differently in
-    each step."""
-    sizes = model.transform.min_size
-    if len(sizes) > 1 and not getattr(model.transform, "_skip_resize", False):
-        return f"the transform draws each image's size from {list(sizes)}"
-    return None
 
 
 class _CountingSampler:

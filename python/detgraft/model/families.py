@@ -39,7 +39,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCN
 from torchvision.models.detection.ssd import SSD
 
 from .. import _core
-from ..heads import dense, rcnn
+from ..heads import dense, frozen, rcnn
 
 __all__ = [
     "FAMILIES",
@@ -171,7 +171,7 @@ RCNN_BRANCH = BranchKit(
     calibration_pass=rcnn.calibration_pass,
     frozen_pass=rcnn.frozen_pass,
     kept_losses=rcnn.kept_losses,
-    kept_unfit=rcnn.kept_size_draws,
+    kept_unfit=frozen.size_draws,
 )
 
 
@@ -187,6 +187,9 @@ def dense_branch(classes: tuple[type, type]) -> BranchKit:
         layout=dense.dense_branch_layout,
         restore=functools.partial(dense.restore_dense_branches, classes=classes),
         calibration_pass=dense.calibration_pass,
+        frozen_pass=dense.frozen_pass,
+        kept_losses=dense.kept_losses,
+        kept_unfit=frozen.size_draws,
     )
 
 
