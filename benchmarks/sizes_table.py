@@ -33,7 +33,8 @@ def table(results: dict) -> str:
         lines.append(
             f"| {k} | {spread(ratio, '.4f')} | {spread(r['new_ap'])} | {on:.1f} ({1 - on / base_on:.1%}) | "
             f"{'/'.join(map(str, sorted(set(r['steps']))))} | {spread(r['seconds'], '.0f')} | "
-            f"{spread(before[k], '.0f') if k in before else ''} | {r['peak_rss_mb']} | {off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
+            f"{spread(before[k], '.0f') if k in before else ''} | {r['peak_rss_mb']} | "
+            f"{off['old_ap'] / base_ap:.3f} / {off['new_ap']:.3f} / {off['old_on_new']} |"
         )
     lines += ["", "Commands, in the order of the rows:", ""]
     lines += [f"- `{c}`" for k in (*map(str, SIZES), "all") for c in s[k]["commands"]]
