@@ -29,18 +29,20 @@ def test_a_head_model_exports_to_torchscript_with_the_same_detections(tmp_path):
         torch.testing.assert_close(a["boxes"], b["boxes"])
 
 
-def claiming_branch_model():
+def claiming_branch_model(rank: int = 4):
     """A calibrated branch model whose branch sees chickens and frogs everywhere, and whose merge
-    takes every old detection a new one claims for a false alarm: the merge acts on every image."""
+    takes every old detection a new one claims for a false alarm: the merge acts on every image.
+    ``rank``: its box head compressed by calibrate (0: the whole copy)."""
     from detgraft.heads.merge import set_arbitration
     from detgraft.strategies.calibrate import calibrate
 
     model = build()
     detgraft.expand_predictor(model, ["chicken", "frog"])
-    model = incremental(model, "branch")
+    model = incremental(model, "branch", branch_rank=rank)
     branch = model.roi_heads.branches[0]
     with torch.no_grad():
         branch.box_predictor.cls_score.bias[1:3] += torch.tensor([17.0, 15.0])
+        branch.box_head.fc6.weight.add_(torch.randn_like(branch.box_head.fc6.weight) * 0.05)  # as if trained
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([label])} for label in (6, 7)]
     calibrate(model, zip(images(), targets))
     # no old object memory, no score cap
@@ -48,10 +50,11 @@ def claiming_branch_model():
     return model.eval()
 
 
-def test_a_branch_model_exports_with_its_branches_and_merge(tmp_path):
+@pytest.mark.parametrize("rank", [4, 0])
+def test_a_branch_model_exports_with_its_branches_and_merge(tmp_path, rank):
     """The default strategy's model scripted: plain torch.jit.load gives the detections of the
-    merge, not the base's nor the unmerged ones."""
-    model = claiming_branch_model()
+    merge, not the base's nor the unmerged ones (the branch's box head low-rank or a whole copy)."""
+    model = claiming_branch_model(rank)
     check = export(model, tmp_path / "branch.pt", images=images())
     assert check["detections"] > 0 and check["max_score_difference"] < 1e-5
     _, exported = torch.jit.load(str(tmp_path / "branch.pt"))(images())

@@ -441,7 +441,7 @@ def test_branch_others_output_joins_the_background_and_keeps_each_class_probabil
     assert branch.others and branch.num_classes == 3  # background, chicken, frog (+ others)
     assert branch.box_predictor.cls_score.out_features == 4
     pooled = torch.randn(5, 16, 7, 7)
-    logits, regression = branch(pooled)
+    logits, regression = branch(pooled, model.roi_heads.shared_features(pooled))
     full, _ = branch.box_predictor(branch.box_head(pooled))
     assert logits.shape == (5, 3) and regression.shape == (5, 12)
     torch.testing.assert_close(logits.softmax(1)[:, 1:], full.softmax(1)[:, 1:3])
@@ -500,3 +500,47 @@ def test_a_checkpoint_of_the_earlier_arbitration_loads_uncalibrated(tmp_path, ca
     assert not bool(loaded.roi_heads.branches[0].calibrated)  # merged by score alone until calibrated again
     assert "calibrate it again" in caplog.text
     assert all(len(d["boxes"]) == len(d["scores"]) for d in loaded(images()))
+
+
+def test_calibrate_compresses_the_branch_which_keeps_the_base_bit_identical_and_its_copy_at_full_rank():
+    from detgraft.heads.rcnn import LowRankHead
+
+    before = build()(images())
+    # rank 64: fc6 and fc7 at full rank (the tiny head's 32 outputs; fc7 takes half the rank)
+    model = incremental(widened(), "branch", merge_iou=None, branch_rank=64)
+    train(model, losses={"loss_classifier", "loss_box_reg"})
+    heads = model.roi_heads
+    trained = copy.deepcopy(heads.branches[0].box_head)
+    detgraft.calibrate(model, zip(images(), TARGETS))
+    assert isinstance(heads.branches[0].box_head, LowRankHead)
+    pooled = torch.randn(50, 16, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(heads.branches[0].features(pooled, heads.shared_features(pooled)), trained(pooled))
+    after = model(images())
+    for b, a in zip(base_detections_only(before, 6), base_detections_only(after, 6)):
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(a[key], b[key]), key  # bit for bit: the shared fc6 runs as the base's head does
+
+
+def test_a_low_rank_branch_is_small_and_round_trips_with_a_second_extension(tmp_path):
+    model = incremental(widened(), "branch", branch_rank=3)
+    train(model, losses={"loss_classifier", "loss_box_reg"})
+    copied = sum(p.numel() for p in model.roi_heads.branches[0].box_head.parameters())
+    detgraft.calibrate(model, zip(images(), TARGETS))
+    head = model.roi_heads.branches[0].box_head
+    assert head.rank == 3 and sum(p.numel() for p in head.parameters()) < copied / 5
+    file, function = TINY_BUILDER.rsplit(":", 1)
+    model.detgraft_card.builder = {"kind": "python", "file": file, "function": function, "kwargs": {}}
+    detgraft.save_checkpoint(model, tmp_path / "one")
+    loaded = detgraft.load_checkpoint(tmp_path / "one")
+    for a, b in zip(model(images()), loaded(images())):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "labels", "scores"))
+    first = copy.deepcopy(loaded.roi_heads.branches[0].state_dict())
+    detgraft.expand_predictor(loaded, ["duck"])
+    incremental(loaded, "branch", branch_rank=3)
+    second = loaded.roi_heads.branches[1].box_head  # a copy of the base's head, not of the first branch's
+    assert all(torch.equal(v, loaded.roi_heads.box_head.state_dict()[k]) for k, v in second.state_dict().items())
+    train(loaded, losses={"loss_classifier", "loss_box_reg"})
+    detgraft.calibrate(loaded, zip(images(), [{**t, "labels": torch.tensor([8])} for t in TARGETS]))
+    assert all(torch.equal(v, first[k]) for k, v in loaded.roi_heads.branches[0].state_dict().items())
+    assert loaded.roi_heads.branches[1].box_head.rank == 3

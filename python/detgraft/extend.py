@@ -195,7 +195,14 @@ def _extend(model, train, settings, out, val, replay, resume, old_images, tensor
     expand_predictor(model, names, settings.init, examples=examples, seed=settings.seed)
     get_card(model).history[-1].update(data=str(train.images), strategy=settings.strategy)
     model.to(settings.device)
-    incremental(model, settings.strategy, keep=settings.keep, ignore=settings.ignore, merge_iou=settings.merge_iou)
+    incremental(
+        model,
+        settings.strategy,
+        keep=settings.keep,
+        ignore=settings.ignore,
+        merge_iou=settings.merge_iou,
+        branch_rank=settings.branch_rank,
+    )
     optimizer, scheduler = optimizer_and_schedule(model, settings)
     step = 0
     scaler = make_scaler(settings)

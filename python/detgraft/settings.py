@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .heads.rcnn import BRANCH_RANK
 from .model.families import Family
 from .model.surgery import INITS
 from .strategies import STRATEGIES
@@ -56,6 +57,11 @@ class ExtendSettings:
     merge_iou: float | None = _flag(
         "branch: overlap at which the stronger of an old and a new detection wins (none: keep both)", default=0.5
     )
+    branch_rank: int = _flag(
+        "branch, Faster and Mask R-CNN: the branch trains a copy of the base's box head and keeps its change at "
+        "this rank (the base's fc6 computed once for every branch; 0: the whole copy)",
+        default=BRANCH_RANK,
+    )
     hflip: bool = _flag("flip half the images left-right", default=True)
     jitter: bool = _flag(
         "also photometric distortion, zoom out and IoU crops (torchvision.transforms.v2, seeded per example)",
@@ -100,6 +106,8 @@ class ExtendSettings:
             raise ValueError(f"frozen_dtype {self.frozen_dtype!r} is unknown: choose one of {', '.join(FROZEN_DTYPES)}")
         if not self.frozen_memory >= 0:
             raise ValueError(f"frozen_memory must be 0 or more (GB); got {self.frozen_memory}")
+        if self.branch_rank < 0:
+            raise ValueError(f"branch_rank must be 0 or more; got {self.branch_rank}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more; got {self.workers}")
         for name in ("steps", "batch_size", "checkpoint_every"):

@@ -24,7 +24,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 
@@ -33,13 +33,16 @@ from .merge import KEEPER_SCORE, Arbitrated, BranchState, add_arbitration_state,
 from .teacher import add_teacher_boxes
 
 __all__ = [
+    "BRANCH_RANK",
     "Branch",
     "BranchRoIHeads",
+    "LowRankHead",
     "add_branch",
     "attach_branch",
     "branch_layout",
     "branches",
     "calibration_pass",
+    "compress_branch",
     "frozen_pass",
     "kept_losses",
     "restore_branches",
@@ -47,7 +50,54 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# a branch's box head after training: its change from the base's, truncated to this rank (chosen on
+# val: benchmarks/RESULTS.md, section steps)
+BRANCH_RANK = 64
+# what a LowRankHead reads of the base's box head: its input flattened, fc6's pre-activation, fc7's
+# weight and bias (empty tensors but the first where the base's head is not a TwoMLPHead)
+Shared = tuple[Tensor, Tensor, Tensor, Tensor]
+
 MASK_ROIS = 8  # a branch's mask loss: at most this many positives per batch (16: +27 s, new mask AP +0.007)
+
+
+class LowRankHead(nn.Module):
+    """A branch's box head as a change of the base's ``TwoMLPHead``: the base's ``fc6``
+    pre-activation (computed once per proposal, shared with the base and every branch) plus
+    ``x·A·B`` of rank ``rank``, then the base's ``fc7`` on that plus ``h·C·D`` of rank ``rank // 2``
+    (fc7's change is of lower rank: on EmojiCOCO its top 32 directions hold 96% of it, fc6's 89%).
+    ``from_copy`` makes one from a trained copy of the base's head (``compress_branch``)."""
+
+    def __init__(self, in_features: int, representation: int, rank: int) -> None:
+        super().__init__()
+        rank6, rank7 = min(rank, in_features, representation), min(max(1, rank // 2), representation)
+        self.down6 = nn.Linear(in_features, rank6, bias=False)
+        self.up6 = nn.Linear(rank6, representation)
+        self.down7 = nn.Linear(representation, rank7, bias=False)
+        self.up7 = nn.Linear(rank7, representation)
+
+    @property
+    def rank(self) -> int:
+        return self.down6.out_features
+
+    @classmethod
+    @torch.no_grad()
+    def from_copy(cls, base: TwoMLPHead, trained: TwoMLPHead, rank: int) -> "LowRankHead":
+        """The rank-``rank`` head closest to ``trained`` (a trained copy of ``base``): each layer's
+        change from the base truncated to its top singular directions (Eckart-Young), the biases'
+        change whole."""
+        head = cls(base.fc6.in_features, base.fc6.out_features, rank).to(base.fc6.weight)
+        for name, down, up in (("fc6", head.down6, head.up6), ("fc7", head.down7, head.up7)):
+            old, new = getattr(base, name), getattr(trained, name)
+            u, s, vh = torch.linalg.svd((new.weight - old.weight).double(), full_matrices=False)
+            r = down.out_features
+            down.weight.copy_(vh[:r])
+            up.weight.copy_(u[:, :r] * s[:r])
+            up.bias.copy_(new.bias - old.bias)
+        return head
+
+    def forward(self, flat: Tensor, pre6: Tensor, fc7_weight: Tensor, fc7_bias: Tensor) -> Tensor:
+        h = F.relu(pre6 + self.up6(self.down6(flat)))
+        return F.relu(F.linear(h, fc7_weight, fc7_bias) + self.up7(self.down7(h)))
 
 
 class Branch(Arbitrated, nn.Module):
@@ -65,9 +115,11 @@ class Branch(Arbitrated, nn.Module):
         first_label: int,
         others: bool = False,
         mask_predictor: nn.Module | None = None,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         self.box_head = box_head
+        self.rank = rank  # > 0: calibrate compresses the trained box head to this rank (compress_branch)
         self.box_predictor = box_predictor
         self.first_label = first_label
         self.others = others
@@ -86,11 +138,18 @@ class Branch(Arbitrated, nn.Module):
     def owns(self, labels: Tensor) -> Tensor:
         return (labels >= self.first_label) & (labels < self.first_label + self.num_new)
 
-    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+    def features(self, pooled: Tensor, shared: Shared) -> Tensor:
+        """The branch's box head on the RoI features ``pooled`` (a ``LowRankHead`` reads what
+        the base computed of them, ``shared``)."""
+        if hasattr(self.box_head, "down6"):  # TorchScript resolves it per branch
+            return self.box_head(shared[0], shared[1], shared[2], shared[3])
+        return self.box_head(pooled)
+
+    def forward(self, pooled: Tensor, shared: Shared) -> tuple[Tensor, Tensor]:
         """Class logits and box regression over background and the branch's classes: the
         ``others`` output joins the background (log-sum-exp of the two logits), so each class's
         probability is what the full softmax gives it."""
-        logits, regression = self.box_predictor(self.box_head(pooled))
+        logits, regression = self.box_predictor(self.features(pooled, shared))
         if not self.others:
             return logits, regression
         background = torch.logsumexp(torch.stack([logits[:, 0], logits[:, -1]], dim=1), dim=1, keepdim=True)
@@ -184,8 +243,10 @@ class BranchRoIHeads(RoIHeads):
             others = branch.num_classes
             targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
         proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
-        x = branch.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = branch.box_predictor(x)
+        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        with torch.no_grad():
+            shared = self.shared_features(pooled)
+        class_logits, box_regression = branch.box_predictor(branch.features(pooled, shared))
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         if branch.mask_predictor is not None:
@@ -254,12 +315,32 @@ class BranchRoIHeads(RoIHeads):
         for r, masks in zip(result, probs[:, None].split([r["labels"].shape[0] for r in result])):
             r["masks"] = masks
 
+    def shared_features(self, pooled: Tensor) -> Shared:
+        """What a ``LowRankHead`` reads of the base's ``TwoMLPHead`` on ``pooled`` (``Shared``)."""
+        head = self.box_head
+        if hasattr(head, "fc6") and hasattr(head, "fc7"):  # TorchScript resolves it
+            flat = pooled.flatten(start_dim=1)
+            return flat, head.fc6(flat), head.fc7.weight, head.fc7.bias
+        empty = pooled.new_zeros(0)
+        return pooled, empty, empty, empty
+
+    def _base_head(self, pooled: Tensor) -> tuple[Tensor, Shared]:
+        """The base's box head on ``pooled``, and what low-rank branches read of it. With one,
+        the base's ``TwoMLPHead`` runs as its own forward does (flatten, fc6, relu, fc7, relu:
+        the same ops, so the same bits), keeping fc6's pre-activation."""
+        if self.shares_box_head:
+            shared = self.shared_features(pooled)
+            head = self.box_head
+            if hasattr(head, "fc7"):
+                return F.relu(head.fc7(F.relu(shared[1]))), shared
+        empty = pooled.new_zeros(0)
+        return self.box_head(pooled).flatten(start_dim=1), (pooled, empty, empty, empty)
+
     def _base_detections(
-        self, pooled: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+        self, x: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The base's detections, computed as the base computes them: its predictor's first
-        ``old_num_classes`` rows are a Linear of the base's own shape."""
-        x = self.box_head(pooled).flatten(start_dim=1)
+        """The base's detections from its box head's output ``x``, computed as the base computes
+        them: its predictor's first ``old_num_classes`` rows are a Linear of the base's own shape."""
         predictor, width = self.box_predictor, self.old_num_classes
         logits = F.linear(x, predictor.cls_score.weight[:width], predictor.cls_score.bias[:width])
         regression = F.linear(x, predictor.bbox_pred.weight[: 4 * width], predictor.bbox_pred.bias[: 4 * width])
@@ -270,10 +351,11 @@ class BranchRoIHeads(RoIHeads):
     ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
         """(boxes, scores, labels), each a list over images, of the base and of the first
         ``branches`` branches."""
-        sources = [self._base_detections(pooled, proposals, image_shapes)]
+        x, shared = self._base_head(pooled)
+        sources = [self._base_detections(x, proposals, image_shapes)]
         for k, branch in enumerate(self.branches):
             if k < branches:
-                logits, regression = branch(pooled)
+                logits, regression = branch(pooled, shared)
                 boxes, scores, labels = self.postprocess_detections(logits, regression, proposals, image_shapes)
                 sources.append((boxes, scores, [label + branch.first_label - 1 for label in labels]))
         return sources
@@ -305,6 +387,7 @@ def add_branch(
     others: bool = True,
     keep: float = 0.7,
     ignore: float = 0.3,
+    rank: int = 0,
 ) -> Branch:
     """Adds a branch for ``labels`` (consecutive, after everything the model has) to ``model``'s
     RoI heads, in place. Its box head starts as a copy of the base's; its predictor's rows start
@@ -312,7 +395,8 @@ def add_branch(
     init). With ``others``, one more output learns "an object the model already knew" from the
     model's own detections on the training images (score >= ``keep`` a label; between ``ignore``
     and ``keep`` left out of the loss), on the proposals the model reads at inference; it starts
-    as the mean of the old classes' rows. Everything but the new branch is frozen."""
+    as the mean of the old classes' rows. Everything but the new branch is frozen. ``rank`` > 0:
+    the box head is a ``LowRankHead`` of that rank on the base's (a ``TwoMLPHead``), not a copy."""
     if not labels or list(labels) != list(range(labels[0], labels[0] + len(labels))):
         raise ValueError(f"a branch takes consecutive labels; got {labels}")
     if not 0 <= ignore <= keep <= 1:
@@ -329,6 +413,7 @@ def add_branch(
         heads.branches = nn.ModuleList()
         heads.old_num_classes = labels[0]
         heads.merge_iou = merge_iou
+        heads.shares_box_head = False
     heads.keep, heads.ignore = keep, ignore
     heads.teacher_proposals = model.rpn._post_nms_top_n["testing"]
     rows = [0, *labels]
@@ -354,9 +439,27 @@ def add_branch(
         logits.weight = nn.Parameter(logits.weight.detach()[rows].clone())
         logits.bias = nn.Parameter(logits.bias.detach()[rows].clone())
         logits.out_channels = len(rows)
-    return attach_branch(
-        model, heads.branches, Branch(copy.deepcopy(heads.box_head), new, labels[0], others, mask_predictor)
-    )
+    if rank > 0 and type(heads.box_head) is not TwoMLPHead:
+        kind = type(heads.box_head).__name__
+        log.info("the box head is a %s, not a TwoMLPHead: the branch keeps its copy whole", kind)
+        rank = 0
+    branch = Branch(copy.deepcopy(heads.box_head), new, labels[0], others, mask_predictor, rank)
+    return attach_branch(model, heads.branches, branch)
+
+
+def compress_branch(model: nn.Module) -> None:
+    """Replaces each branch's trained copy of the base's box head by the ``LowRankHead`` of the
+    branch's ``rank`` closest to it (no-op for a branch of rank 0 or already compressed). On
+    torchvision's ResNet-50 FPN, rank 32 keeps 0.5M of the copy's 13.9M parameters, and the
+    base's fc6 pre-activation is computed once for every branch (``benchmarks/steps.py``)."""
+    heads = model.roi_heads
+    for branch in heads.branches:
+        if branch.rank > 0 and not isinstance(branch.box_head, LowRankHead):
+            before = sum(p.numel() for p in branch.box_head.parameters())
+            branch.box_head = LowRankHead.from_copy(heads.box_head, branch.box_head, branch.rank)
+            after = sum(p.numel() for p in branch.box_head.parameters())
+            log.info("branch box head compressed to rank %d: %d parameters (%d before)", branch.rank, after, before)
+            heads.shares_box_head = True
 
 
 def attach_branch(model: nn.Module, branches: nn.ModuleList, branch: nn.Module) -> nn.Module:
@@ -384,7 +487,14 @@ def branch_layout(model: nn.Module) -> dict | None:
         "old_num_classes": heads.old_num_classes,
         "merge_iou": heads.merge_iou,
         "branches": [
-            {"first_label": b.first_label, "num_new": b.num_new, "others": b.others, "memory": memory_lengths(b)}
+            {
+                "first_label": b.first_label,
+                "num_new": b.num_new,
+                "others": b.others,
+                "memory": memory_lengths(b),
+                "rank": b.rank,
+                "compressed": isinstance(b.box_head, LowRankHead),
+            }
             for b in heads.branches
         ],
     }
@@ -396,7 +506,11 @@ def restore_branches(model: nn.Module, layout: dict) -> None:
     for b in layout["branches"]:
         num_new = b["num_new"] if "num_new" in b else b["num_classes"] - 1
         labels = list(range(b["first_label"], b["first_label"] + num_new))
-        branch = add_branch(model, labels, layout["merge_iou"], others=b.get("others", False))
+        branch = add_branch(model, labels, layout["merge_iou"], others=b.get("others", False), rank=b.get("rank", 0))
+        if b.get("compressed"):
+            fc6 = model.roi_heads.box_head.fc6
+            branch.box_head = LowRankHead(fc6.in_features, fc6.out_features, branch.rank).to(fc6.weight)
+            model.roi_heads.shares_box_head = True
         resize_memories(branch, b.get("memory", [0, 0]))
     model.roi_heads.old_num_classes = layout.get("old_num_classes", layout.get("base_width"))
 

@@ -83,7 +83,9 @@ class BranchKit:
     image_list, branch)`` is what ``detgraft.calibrate`` reads. ``frozen_pass(model, images, targets)``
     computes once what a training step computes with the frozen base, ``kept_losses(model, kept)``
     the step's losses from it, and ``kept_unfit(model)`` says why they cannot stand for the step
-    (None: they can); without them (None) every step computes the base again."""
+    (None: they can); without them (None) every step computes the base again. ``compress(model)``,
+    when there is one, is what ``detgraft.calibrate`` does to the trained branch first (the R-CNN
+    branch: its box head to low rank)."""
 
     add: Callable[..., nn.Module]
     branches: Callable[[nn.Module], nn.ModuleList | None]
@@ -93,6 +95,7 @@ class BranchKit:
     frozen_pass: Callable | None = None
     kept_losses: Callable | None = None
     kept_unfit: Callable[[nn.Module], str | None] | None = None
+    compress: Callable[[nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ RCNN_BRANCH = BranchKit(
     frozen_pass=rcnn.frozen_pass,
     kept_losses=rcnn.kept_losses,
     kept_unfit=frozen.size_draws,
+    compress=rcnn.compress_branch,
 )
 
 

@@ -57,11 +57,16 @@ def calibrate(
     order (each followed by its mirror image with ``mirrored``), what the frozen base computed for
     it in training (``detgraft.heads.frozen.Kept``) or None: where a batch has them all, computed
     in float32, its feature maps are read instead of computed again (the same transform resized the
-    images). Returns what it learned (also logged)."""
+    images). Returns what it learned (also logged). First, where the family has one (Faster and Mask
+    R-CNN), the trained branch's box head is compressed to the rank ``incremental`` gave it
+    (``branch_rank``; ``detgraft.heads.rcnn.compress_branch``), so that what is calibrated is what
+    detects."""
     kit = family(model).branch
     branches = kit.branches(model) if kit is not None else None
     if not branches:
         raise ValueError("calibrate is for models prepared with detgraft.incremental(model, 'branch')")
+    if kit.compress is not None:
+        kit.compress(model)
     if mirrored:
         examples = _with_mirrors(examples)
     was_training = model.training

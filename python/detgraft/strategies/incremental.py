@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..heads.masks import allow_boxes_without_masks
+from ..heads.rcnn import BRANCH_RANK
 from ..heads.teacher import add_teacher_boxes
 from ..model import families
 from ..model.batchnorm import batchnorm_in_eval_mode, freeze_batchnorm
@@ -60,6 +61,7 @@ def incremental(
     ignore: float = 0.3,
     merge_iou: float | None = 0.5,
     others: bool = True,
+    branch_rank: int = BRANCH_RANK,
 ) -> nn.Module:
     """Prepares a widened detector (``expand_predictor`` first) for fine-tuning with ``strategy``,
     in place; build the optimizer afterwards from the parameters that require grad. The classes
@@ -68,7 +70,9 @@ def incremental(
     ``keep`` and ``ignore`` are the teacher score thresholds of ``pseudo`` / ``distill`` and of
     ``branch``'s ``others`` output (an object the model knew before, learned from its detections);
     ``merge_iou`` is the overlap at which ``branch`` lets the stronger of an old-class and a
-    new-class detection win (None: keep both)."""
+    new-class detection win (None: keep both). ``branch_rank``: an R-CNN branch trains a copy of the
+    base's box head, and ``calibrate`` keeps its change from the base's at this rank (0: the whole
+    copy)."""
     if not 0 <= ignore <= keep <= 1:
         raise ValueError(f"need 0 <= ignore <= keep <= 1; got ignore={ignore}, keep={keep}")
     if strategy not in STRATEGIES:
@@ -92,7 +96,7 @@ def incremental(
         if strategy == "distill":
             add_distillation(model, teacher, min(new_labels))
     if strategy == "branch":
-        kind.branch.add(model, new_labels, merge_iou, others=others, keep=keep, ignore=ignore)
+        kind.branch.add(model, new_labels, merge_iou, others=others, keep=keep, ignore=ignore, rank=branch_rank)
     if strategy == "branch" and kind.two_stage:
         # the frozen RPN's losses carry no gradient: leave them out of the loss dict
         model.register_forward_hook(_drop_rpn_losses)
