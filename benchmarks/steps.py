@@ -162,14 +162,21 @@ def table(s: dict) -> str:
         f"is calibrated. Base: {s['base_seconds_per_image']} s per image, {s['base_parameters'] / 1e6:.1f}M "
         "parameters. Latency ratios from one run (each image by every model in turn).",
         "",
-        f"| steps | rank {s['rank']}: latency x base | parameters per step | checkpoint MB | full copy: latency x base "
-        "| parameters per step | checkpoint MB |",
+        f"| steps | rank {s['rank']}: latency x base | parameters per step | checkpoint MB (+ this step) | full copy: "
+        "latency x base | parameters per step | checkpoint MB (+ this step) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for k, (a, b) in enumerate(zip(s["rows"]["low_rank"], s["rows"]["full_copy"]), 1):
+
+    def grown(rows: list[dict], k: int) -> str:
+        return f"{rows[k]['checkpoint_mb']}" + (
+            f" (+{rows[k]['checkpoint_mb'] - rows[k - 1]['checkpoint_mb']:.2f})" if k else ""
+        )
+
+    low, full = s["rows"]["low_rank"], s["rows"]["full_copy"]
+    for k, (a, b) in enumerate(zip(low, full)):
         lines.append(
-            f"| {k} | {a['latency_x_base']:.3f} | {a['branch_parameters'] / 1e6:.3f}M | {a['checkpoint_mb']} | "
-            f"{b['latency_x_base']:.3f} | {b['branch_parameters'] / 1e6:.2f}M | {b['checkpoint_mb']} |"
+            f"| {k + 1} | {a['latency_x_base']:.3f} | {a['branch_parameters'] / 1e6:.3f}M | {grown(low, k)} | "
+            f"{b['latency_x_base']:.3f} | {b['branch_parameters'] / 1e6:.2f}M | {grown(full, k)} |"
         )
     lines += ["", f"Command: `{s['command']}`"]
     return "\n".join(lines)
