@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -34,8 +35,10 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section  # noqa: E402
 from kept import r50_weights  # noqa: E402
+from sizes import STEP1  # noqa: E402
 
 import detgraft  # noqa: E402
+from detgraft.data.batches import TrainingSet  # noqa: E402
 from detgraft.data.dataset import load_dataset  # noqa: E402
 from detgraft.data.images import load_image  # noqa: E402
 
@@ -45,21 +48,14 @@ SIZE = (800, 1066)
 
 
 def examples(data: Path, first_label: int, n: int = 4) -> list[tuple[torch.Tensor, dict]]:
-    """``n`` new_train images with their chicken and frog boxes as labels ``first_label`` and the next."""
+    """The first ``n`` new_train images with chicken or frog boxes, those as labels ``first_label`` and the next."""
     train = load_dataset(data / "new_train.json", data / "images")
-    names = {c["id"]: c["name"] for c in train.coco["categories"]}
-    out = []
-    for image in train.coco["images"]:
-        anns = [a for a in train.coco["annotations"] if a["image_id"] == image["id"]]
-        anns = [a for a in anns if names[a["category_id"]] in ("chicken", "frog")]
-        if anns:
-            boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-            boxes[:, 2:] += boxes[:, :2]  # COCO's x, y, w, h as x1, y1, x2, y2
-            labels = torch.tensor([first_label + (names[a["category_id"]] == "frog") for a in anns])
-            out.append((load_image(train.path(image)).float() / 255, {"boxes": boxes, "labels": labels}))
-        if len(out) == n:
-            return out
-    raise ValueError("new_train has fewer than 4 images with chicken or frog")
+    label_of = {c["id"]: first_label + (c["name"] == "frog") for c in train.coco["categories"] if c["name"] in STEP1}
+    images = TrainingSet(train, label_of)
+    pairs = list(itertools.islice((p for p in map(images.example, range(len(images))) if len(p[1]["labels"])), n))
+    if len(pairs) < n:
+        raise ValueError(f"new_train has fewer than {n} images with chicken or frog")
+    return pairs
 
 
 def add_step(model, k: int, rank: int, data: Path, folder: Path) -> dict:
@@ -115,7 +111,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_results:
         return write_section("steps", table(json.loads((HERE / "results.json").read_text())["steps"]))
-    torch.set_num_threads(torch.get_num_threads())
     args.data, args.runs = args.data.resolve(), args.runs.resolve()
     args.runs.mkdir(parents=True, exist_ok=True)
     base = torchvision.models.detection.fasterrcnn_resnet50_fpn(

@@ -51,7 +51,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # a branch's box head after training: its change from the base's, truncated to this rank (chosen on
-# val: benchmarks/RESULTS.md, section steps)
+# val: benchmarks/RESULTS.md, section branch_rank)
 BRANCH_RANK = 64
 # what a LowRankHead reads of the base's box head: its input flattened, fc6's pre-activation, fc7's
 # weight and bias (empty tensors but the first where the base's head is not a TwoMLPHead)
@@ -80,12 +80,17 @@ class LowRankHead(nn.Module):
         return self.down6.out_features
 
     @classmethod
+    def shaped_for(cls, base: TwoMLPHead, rank: int) -> "LowRankHead":
+        """A head of ``rank`` for ``base``'s shapes, on its device and dtype (weights to be set)."""
+        return cls(base.fc6.in_features, base.fc6.out_features, rank).to(base.fc6.weight)
+
+    @classmethod
     @torch.no_grad()
     def from_copy(cls, base: TwoMLPHead, trained: TwoMLPHead, rank: int) -> "LowRankHead":
         """The rank-``rank`` head closest to ``trained`` (a trained copy of ``base``): each layer's
         change from the base truncated to its top singular directions (Eckart-Young), the biases'
         change whole."""
-        head = cls(base.fc6.in_features, base.fc6.out_features, rank).to(base.fc6.weight)
+        head = cls.shaped_for(base, rank)
         for name, down, up in (("fc6", head.down6, head.up6), ("fc7", head.down7, head.up7)):
             old, new = getattr(base, name), getattr(trained, name)
             u, s, vh = torch.linalg.svd((new.weight - old.weight).double(), full_matrices=False)
@@ -244,9 +249,13 @@ class BranchRoIHeads(RoIHeads):
             targets = [add_teacher_boxes(t, d, self.keep, self.ignore, others) for t, d in zip(targets, taught)]
         proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
         pooled = self.box_roi_pool(features, proposals, image_shapes)
-        with torch.no_grad():
-            shared = self.shared_features(pooled)
-        class_logits, box_regression = branch.box_predictor(branch.features(pooled, shared))
+        if isinstance(branch.box_head, LowRankHead):  # trained again after calibrate compressed it
+            with torch.no_grad():
+                shared = self.shared_features(pooled)
+            x = branch.features(pooled, shared)
+        else:  # the copy that trains (the base's fc6 is not needed: no work for it in the step)
+            x = branch.box_head(pooled)
+        class_logits, box_regression = branch.box_predictor(x)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         if branch.mask_predictor is not None:
@@ -396,7 +405,8 @@ def add_branch(
     model's own detections on the training images (score >= ``keep`` a label; between ``ignore``
     and ``keep`` left out of the loss), on the proposals the model reads at inference; it starts
     as the mean of the old classes' rows. Everything but the new branch is frozen. ``rank`` > 0:
-    the box head is a ``LowRankHead`` of that rank on the base's (a ``TwoMLPHead``), not a copy."""
+    after training, ``calibrate`` replaces the trained copy by a ``LowRankHead`` of that rank
+    (``compress_branch``; only on a ``TwoMLPHead``, others keep the copy)."""
     if not labels or list(labels) != list(range(labels[0], labels[0] + len(labels))):
         raise ValueError(f"a branch takes consecutive labels; got {labels}")
     if not 0 <= ignore <= keep <= 1:
@@ -450,8 +460,8 @@ def add_branch(
 def compress_branch(model: nn.Module) -> None:
     """Replaces each branch's trained copy of the base's box head by the ``LowRankHead`` of the
     branch's ``rank`` closest to it (no-op for a branch of rank 0 or already compressed). On
-    torchvision's ResNet-50 FPN, rank 32 keeps 0.5M of the copy's 13.9M parameters, and the
-    base's fc6 pre-activation is computed once for every branch (``benchmarks/steps.py``)."""
+    torchvision's ResNet-50 FPN at rank 64 a branch has 0.956M parameters where the copy had 13.92M,
+    and the base's fc6 pre-activation is computed once for every branch (``benchmarks/steps.py``)."""
     heads = model.roi_heads
     for branch in heads.branches:
         if branch.rank > 0 and not isinstance(branch.box_head, LowRankHead):
@@ -508,8 +518,7 @@ def restore_branches(model: nn.Module, layout: dict) -> None:
         labels = list(range(b["first_label"], b["first_label"] + num_new))
         branch = add_branch(model, labels, layout["merge_iou"], others=b.get("others", False), rank=b.get("rank", 0))
         if b.get("compressed"):
-            fc6 = model.roi_heads.box_head.fc6
-            branch.box_head = LowRankHead(fc6.in_features, fc6.out_features, branch.rank).to(fc6.weight)
+            branch.box_head = LowRankHead.shaped_for(model.roi_heads.box_head, branch.rank)
             model.roi_heads.shares_box_head = True
         resize_memories(branch, b.get("memory", [0, 0]))
     model.roi_heads.old_num_classes = layout.get("old_num_classes", layout.get("base_width"))
